@@ -45,14 +45,25 @@ def fetch_dataset(name: str, *, dest_root: Path, path: Path | None = None, force
         wheels = list(Path(tmp).glob("recbole-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise FetchError(f"pip download {RECBOLE_WHEEL} failed: {proc.stderr.strip()[-500:]}")
+        extract_ml100k_from_wheel(wheels[0], dest)
+    return dest
+
+
+def extract_ml100k_from_wheel(wheel_path: Path, dest: Path) -> Path:
+    """Read RecBole's ML-100K atomic files out of its wheel into ``dest`` (replaced atomically)."""
+    with tempfile.TemporaryDirectory(prefix="recsys-wheel-") as tmp:
         staging = Path(tmp) / "staging"
         staging.mkdir()
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        try:
+            wheel = zipfile.ZipFile(wheel_path)
+        except zipfile.BadZipFile as exc:
+            raise FetchError(f"{wheel_path} is not a wheel (zip): {exc}") from exc
+        with wheel:
             for member in ML100K_MEMBERS:
                 try:
                     data = wheel.read(f"recbole/dataset_example/ml-100k/{member}")
                 except KeyError as exc:
-                    raise FetchError(f"{wheels[0].name} has no recbole/dataset_example/ml-100k/{member}") from exc
+                    raise FetchError(f"{wheel_path.name} has no recbole/dataset_example/ml-100k/{member}") from exc
                 (staging / member).write_bytes(data)
         _replace_dir(staging, dest)
     return dest
