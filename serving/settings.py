@@ -1,32 +1,80 @@
-"""Configuration of the real-time API and the durable event log (owned by ``serving/``)."""
+"""Configuration of the real-time API and the durable event log (owned by ``serving/``).
+
+Budgets are per request: each stage has its own deadline and the whole request has a total
+budget; a stage that would overrun hands over to the next fallback instead of making the
+client wait (see ``serving/recommend.py``).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.settings_base import Section
 
 
 class ServingSettings(Section):
-    """HTTP server and request-path budget."""
+    """HTTP server, request-path budgets, limits, model lifecycle and fallbacks."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1)
-    api_key: str | None = None
+    # --- security and limits -------------------------------------------------------------
+    api_key: str | None = Field(None, description="Key expected in the `api_key_header` header for writes/admin (None: writes need no key; only sensible locally).")
+    api_key_header: str = "X-API-Key"
     require_key_for_reads: bool = False
+    max_body_bytes: int = Field(1_000_000, ge=1_024, description="Larger request bodies get 413 before they are parsed.")
+    max_batch_events: int = Field(1_000, ge=1, description="Most events one POST /v1/events may carry.")
+    max_id_length: int = Field(256, ge=1)
+    # --- request path ----------------------------------------------------------------------
     default_k: int = Field(20, ge=1)
     max_k: int = Field(200, ge=1)
-    candidates: int = Field(500, ge=1)
-    total_budget_ms: float = Field(50.0, gt=0)
+    candidates: int = Field(500, ge=1, description="Retrieval candidates handed to the ranker.")
+    total_budget_ms: float = Field(50.0, gt=0, description="Whole-request deadline; past it the popularity fallback answers.")
+    features_budget_ms: float = Field(10.0, gt=0)
+    model_budget_ms: float = Field(40.0, gt=0, description="Retrieval + filter + ranking + diversity, in one batched call.")
+    microbatch_max: int = Field(64, ge=1, description="Most concurrent requests scored in one batched model call.")
+    microbatch_wait_ms: float = Field(0.0, ge=0, description="Extra wait to fill a micro-batch (0: take whatever is queued).")
+    model_threads: int = Field(1, ge=1, description="Torch intra-op threads per worker (1 per worker on small machines).")
+    # --- model lifecycle ---------------------------------------------------------------------
+    retrieval_alias: str = "champion"
+    ranking_alias: str = "champion"
+    registry_poll_s: float = Field(30.0, ge=0, description="How often to check whether an alias moved (0: never).")
+    # --- fallbacks -------------------------------------------------------------------------
+    popularity_days: int = Field(7, ge=1, description="Trending window: events of the last N days in the lake (and the event log).")
+    popularity_half_life_days: float = Field(2.0, gt=0)
+    popular_items: int = Field(500, ge=1, description="Popular items kept per context for the fallback.")
+    blocked_items: list[str] = Field(default_factory=list, description="Never recommended (policy, takedowns).")
+    # --- feedback ------------------------------------------------------------------------------
+    log_impressions: bool = True
+    update_features_on_event: bool = True
+    metrics_dir: Path = Field(Path("var/run/prometheus"), description="prometheus_client multiprocess folder (relative to paths.root).")
+    model_cache_dir: Path = Field(Path("var/serving/models"), description="Where serving notes the last loaded artifacts (relative to paths.root).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServingSettings":
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
+        return self
 
 
 class EventLogSettings(Section):
-    """Durable feedback log: local append-only file by default, a broker in production."""
+    """Durable feedback log: local append-only file by default, a broker in production.
+
+    ``local``: per-process segment files with group-commit fsync (an append is acknowledged
+    only after fdatasync). ``nats``: JetStream, acknowledged on the server's PubAck (file
+    storage; the server's ``sync_interval`` decides when it fsyncs). ``redis``: Streams
+    (XADD); on disk only if the server runs with ``appendonly yes`` + ``appendfsync always``,
+    which the backend checks and reports.
+    """
 
     backend: Literal["local", "nats", "redis"] = "local"
     path: Path = Path("var/eventlog")
     nats_url: str = "nats://127.0.0.1:4222"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    stream_prefix: str = Field("recsys", pattern=r"^[A-Za-z0-9_-]+$", description="Streams are <prefix>-events and <prefix>-impressions.")
+    segment_max_bytes: int = Field(64 * 1024 * 1024, ge=4_096)
+    timeout_s: float = Field(5.0, gt=0, description="Longest wait for a broker acknowledgement.")
+    redis_maxlen: int | None = Field(None, ge=1, description="Approximate cap on a Redis stream's length (None: unbounded).")
+    checkpoint_dir: Path = Field(Path("var/eventlog/checkpoints"), description="Ingest cursors (relative to paths.root).")
