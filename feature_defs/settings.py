@@ -1,15 +1,35 @@
-"""Configuration of the Feast feature store (owned by ``feature_defs/``)."""
+"""Configuration of the Feast feature store (owned by ``feature_defs/``).
+
+Only *deployment* choices live here (where the registry, tables and online store are, how long
+the serving process may cache). The feature *contract* (which features, windows, history length)
+is code in :mod:`feature_defs.schema`: changing it means a new FeatureService version, not a
+config flip, so a model trained on ``ranker_v1`` is never served different features.
+"""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
+
+from pydantic import Field
 
 from core.settings_base import Section
 
 
 class FeatureSettings(Section):
-    """Where the Feast repo keeps its registry and online store."""
+    """Where the Feast repo keeps its registry, feature tables and online store."""
 
-    project: str = "recsys"
+    project: str = Field("recsys", pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$",
+                         description="Feast project; also the suffix of every Redis key Feast writes.")
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    online_cache_ttl_s: float = 5.0
+    redis_key_ttl_s: int | None = Field(None, ge=1, description="Expire Redis keys of entities not written for this long (None: never).")
+    store_dir: Path = Field(Path("features"), description="Registry, SQLite online store, generated feature_store.yaml and "
+                                                          "feature tables; relative to paths.var_dir.")
+    online_cache_ttl_s: float = Field(5.0, ge=0, description="Per-process cache of a user's online features (0: no cache).")
+    item_refresh_interval_s: float = Field(60.0, gt=0, description="How often the serving process checks the registry for a "
+                                                                   "newer item materialisation and reloads its item table.")
+
+    def resolved_dir(self, var_dir: Path) -> Path:
+        """The absolute store directory (``store_dir`` is relative to ``var_dir`` unless absolute)."""
+        d = self.store_dir.expanduser()
+        return d if d.is_absolute() else (var_dir / d)
