@@ -233,3 +233,33 @@ def test_checks_are_pure_and_name_the_tolerance(settings):
     checks = {c.name: c for c in P.evaluate_checks(slow, champ, base, settings, alias="champion",
                                                    training_end=None, eval_cutoff="2024-01-11")}
     assert not checks["guardrail.latency"].passed and "sanity.no_leakage" not in checks
+
+
+@pytest.mark.slow
+def test_cli_list_promote_refusal_and_force_rules(world, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from pipelines import cli_models
+
+    s = world["settings"]
+    name = s.registry.retrieval_model
+    v = _register(s, name, world["weak"])
+    app = typer.Typer()
+    app.add_typer(cli_models.app, name="models")
+    app.command("promote")(cli_models.promote_command)
+    app.command("rollback")(cli_models.rollback_command)
+    monkeypatch.setenv("RECSYS_PATHS__ROOT", str(s.paths.root))
+    monkeypatch.setenv("RECSYS_REGISTRY__EVAL_TEST_DAYS", "4")
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    res = runner.invoke(app, ["promote", name, "--version", v])
+    assert res.exit_code == 1, res.output
+    assert "FAIL" in res.output and "REFUSED" in res.output and "sanity.beats_popularity" in res.output
+    res = runner.invoke(app, ["promote", name, "--version", v, "--force"])
+    assert res.exit_code == 2 and "--force needs --reason" in res.output
+    res = runner.invoke(app, ["models", "list", name, "--json"])
+    assert res.exit_code == 0, res.output
+    assert any(r["version"] == v and r["gate"] == "refused" for r in __import__("json").loads(res.output))
+    res = runner.invoke(app, ["models", "list"])
+    assert res.exit_code == 0 and "refused" in res.output
