@@ -1,0 +1,84 @@
+"""Prometheus metrics for the API, safe with several uvicorn worker processes.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``recsys serve`` sets it, and empties the folder, before
+the workers start) every worker writes its samples to memory-mapped files there and
+``/metrics`` aggregates all workers; without it (an in-process app in a test) the default
+registry is used. Info metrics do not exist in multiprocess mode, so model versions are a
+gauge ``recsys_model_info{model,version,alias} = 1`` (``livemax``: dead workers drop out).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Latency buckets in seconds: fine below 10 ms, where the budgets live.
+BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGES = ("features", "retrieval", "filter", "ranking", "diversity", "model", "total")
+
+
+@dataclass
+class Metrics:
+    requests: Counter
+    latency: Histogram
+    stage: Histogram
+    fallbacks: Counter
+    events: Counter
+    impressions: Counter
+    batch_size: Histogram
+    model_info: Gauge
+    ready: Gauge
+    swaps: Counter
+
+    def set_model(self, model: str, version: str | None, alias: str, previous: str | None = None) -> None:
+        if previous is not None and previous != version:
+            self.model_info.labels(model=model, version=previous, alias=alias).set(0)
+        self.model_info.labels(model=model, version=str(version), alias=alias).set(1)
+
+
+_METRICS: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    """The process's metric objects (created once; prometheus_client forbids duplicates)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics(
+            requests=Counter("recsys_http_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"]),
+            latency=Histogram("recsys_http_request_seconds", "HTTP request latency by endpoint", ["endpoint"], buckets=BUCKETS),
+            stage=Histogram("recsys_stage_seconds", "Recommendation latency per stage (features, retrieval, ranking, total ...)",
+                            ["stage"], buckets=BUCKETS),
+            fallbacks=Counter("recsys_fallbacks", "Recommendations served by a fallback, by reason", ["reason"]),
+            events=Counter("recsys_events", "Feedback events by outcome", ["outcome"]),
+            impressions=Counter("recsys_impressions_logged", "Impression records handed to the event log", ["outcome"]),
+            batch_size=Histogram("recsys_model_batch_size", "Requests scored together in one batched model call",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+            model_info=Gauge("recsys_model_info", "Model versions being served (1 = current)", ["model", "version", "alias"],
+                             multiprocess_mode="livemax"),
+            ready=Gauge("recsys_ready", "1 when models and stores are loaded", multiprocess_mode="livemin"),
+            swaps=Counter("recsys_model_swaps", "Hot swaps after an alias moved, by outcome", ["model", "outcome"]),
+        )
+    return _METRICS
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics (all workers when in multiprocess mode)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead() -> None:
+    """Drop this worker's live gauges at shutdown (multiprocess mode only)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())

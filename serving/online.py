@@ -1,0 +1,131 @@
+"""Online features for the request path, through ``pipelines.features.OnlineFeatureClient``.
+
+Reads run on a small thread pool with a deadline, so a slow or dead store (Redis down, SQLite
+file gone) costs at most ``features_budget_ms`` and the request goes on without fresh features.
+The client's per-process TTL cache is the documented consistency trade-off: the worker that
+applied an event sees it at once, the other workers within ``features.online_cache_ttl_s``.
+
+Event updates are applied by one background task per worker, in arrival order, batched
+(many events -> one ``apply_events`` call), right after the events are durable; the 202 does
+not wait for it unless the client asks (``?sync_features=true``), because a Feast write costs
+milliseconds and ingest must sustain thousands of events per second.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class FeaturesUnavailable(RuntimeError):
+    """The online store is not loaded or not answering."""
+
+
+class OnlineFeatures:
+    def __init__(self, settings: "Settings"):
+        self.settings = settings
+        self.client: Any = None
+        self.error: str | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="features")
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self.applied = 0
+        self.apply_failures = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the feature store (never raises: without it requests use the models' own history)."""
+        try:
+            from pipelines.features import OnlineFeatureClient
+
+            self.client = OnlineFeatureClient(self.settings)
+            self.client.start_auto_refresh()
+            self.error = None
+        except Exception as exc:  # noqa: BLE001 - not built yet, store down ...
+            self.client = None
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("online features unavailable: %s", self.error)
+
+    def ok(self) -> bool:
+        return self.client is not None
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded": self.client is not None, "error": self.error, "applied_events": self.applied,
+                "apply_failures": self.apply_failures}
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- reads --------------------------------------------------------------------------------
+    def _history(self, user_id: str) -> list[str]:
+        feats = self.client.user_features(user_id)
+        return [str(i) for i in (feats.get("recent_items") or [])]
+
+    async def user_history(self, user_id: str, *, timeout_s: float) -> list[str]:
+        """The user's recent items, newest first ([] for a user the store does not know)."""
+        if self.client is None:
+            raise FeaturesUnavailable(self.error or "online features not loaded")
+        if timeout_s <= 0:
+            raise asyncio.TimeoutError
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._pool, self._history, user_id), timeout_s)
+
+    # ---- event updates ------------------------------------------------------------------------
+    def _apply(self, frame: pd.DataFrame) -> None:
+        self.client.apply_events(frame)
+
+    async def apply(self, frame: pd.DataFrame, *, wait: bool = False, timeout_s: float = 5.0) -> bool:
+        """Queue (or, with ``wait``, perform) the online update for accepted events.
+
+        Returns True when the update is known to be applied."""
+        if self.client is None or frame.empty:
+            return False
+        loop = asyncio.get_running_loop()
+        if wait:
+            try:
+                await asyncio.wait_for(loop.run_in_executor(self._pool, self._apply, frame), timeout_s)
+                self.applied += len(frame)
+                return True
+            except Exception as exc:  # noqa: BLE001 - the events are durable; features catch up later
+                self.apply_failures += 1
+                log.warning("online feature update failed: %s: %s", type(exc).__name__, exc)
+                return False
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._updater())
+        self._queue.put_nowait(frame)
+        return False
+
+    async def _updater(self) -> None:
+        """Applies queued frames in order; everything queued meanwhile goes in one call."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            frames = [await self._queue.get()]
+            while not self._queue.empty():
+                frames.append(self._queue.get_nowait())
+            batch = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            t = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._pool, self._apply, batch)
+                self.applied += len(batch)
+            except Exception as exc:  # noqa: BLE001
+                self.apply_failures += 1
+                log.warning("online feature update of %d events failed after %.0f ms: %s", len(batch),
+                            (time.perf_counter() - t) * 1000, exc)

@@ -1,0 +1,145 @@
+"""Running the API: in this process (``run``, what ``recsys serve`` does) or as a child process
+on a free loopback port (``ServerProcess``: tests, the benchmark and the demo use the real
+server exactly as production starts it).
+
+Workers are separate processes started by uvicorn; they rebuild the settings from
+``RECSYS_CONFIG``, so ``run`` writes the resolved settings to ``<run_dir>/serving-<port>.yaml``
+first: every worker then serves with exactly the configuration the command was given.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.config import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(settings: "Settings", path: Path) -> Path:
+    """The resolved settings as a YAML file ``load_settings(config_file=...)`` reads back."""
+    data = settings.model_dump(mode="json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def metrics_dir(settings: "Settings") -> Path:
+    from serving.eventlog.base import resolve
+
+    return resolve(settings.paths.root, settings.serving.metrics_dir)
+
+
+def run(settings: "Settings", *, host: str | None = None, port: int | None = None, workers: int | None = None,
+        log_level: str = "warning") -> None:
+    """Serve in the foreground until interrupted (uvicorn, ``workers`` processes)."""
+    import uvicorn
+
+    srv = settings.serving.model_copy(update={k: v for k, v in {"host": host, "port": port, "workers": workers}.items()
+                                              if v is not None})
+    settings = settings.model_copy(update={"serving": srv})
+    cfg_path = write_config(settings, settings.paths.run_dir / f"serving-{srv.port}.yaml")
+    mdir = metrics_dir(settings) / str(srv.port)
+    shutil.rmtree(mdir, ignore_errors=True)  # stale samples of a previous run must not be aggregated
+    mdir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
+    os.environ["RECSYS_CONFIG"] = str(cfg_path)
+    for name in [n for n in os.environ if n.startswith("RECSYS_") and n not in ("RECSYS_CONFIG",)]:
+        del os.environ[name]  # the YAML already holds them, resolved
+    uvicorn.run("serving.app:create_app", factory=True, host=srv.host, port=srv.port, workers=srv.workers,
+                log_level=log_level, access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+
+
+class ServerProcess:
+    """The real server in a child process on a loopback port (``with ServerProcess(...) as srv``)."""
+
+    def __init__(self, settings: "Settings", *, port: int | None = None, workers: int = 1,
+                 env: Mapping[str, str] | None = None, ready_timeout_s: float = 120.0, log_path: Path | None = None):
+        self.settings = settings
+        self.port = port or free_port()
+        self.workers = workers
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra_env = dict(env or {})
+        self.ready_timeout_s = ready_timeout_s
+        self.log_path = log_path or settings.paths.run_dir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        cfg = write_config(self.settings, self.settings.paths.run_dir / f"serving-parent-{self.port}.yaml")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+        env.update({"RECSYS_CONFIG": str(cfg), "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+        env.update(self.extra_env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.workers)],
+            cwd=str(REPO_ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {self.ready_timeout_s}s; log: {self.log_path}\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the server's process group (graceful), SIGKILL if it does not exit."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            self.kill()
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (crash test)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
