@@ -411,12 +411,79 @@ def _check_model(settings: Settings, client, name: str, version: str | int | Non
         raise PromotionError(f"{name} has no version {version} (versions: {versions or 'none'})") from None
 
 
+def recommender_view(art: Any, settings: Settings) -> Any:
+    """A full-catalog ``score(user_idx)`` view of an artifact, built the way serving builds it.
+
+    Retrieval kinds: the evaluator's Recommender view of the artifact. A pointwise ranker cannot
+    rank a catalog alone, so it is measured as what serving runs: the current retrieval
+    champion's candidates re-ranked by this ranker (candidate and champion rankers therefore
+    share the same retrieval stage and differ only in ranking)."""
+    try:
+        from pipelines import evaluate as ev
+
+        view = getattr(ev, "recommender_from_artifact", None) or getattr(ev, "_recommender_from_artifact", None)
+    except ImportError:
+        view = None
+    model = None
+    if view is not None:
+        try:
+            model = view(art)
+        except Exception as exc:  # noqa: BLE001 - not viewable alone: the two-stage view below
+            log.debug("evaluator cannot view %s alone (%s)", art.kind, exc)
+    if model is None:
+        model = art.build()
+    if hasattr(model, "score") and _full_catalog(model):
+        return model
+    return _two_stage_view(art, settings)
+
+
+def _full_catalog(model: Any) -> bool:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.score).parameters.values()
+                  if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return True
+    return len(params) == 1
+
+
+def _two_stage_view(ranker_art: Any, settings: Settings) -> Any:
+    from models.artifacts import load_from_registry
+
+    reg = settings.registry
+    try:
+        from models.two_stage import pipeline_from_artifacts, pipeline_recommender
+    except ImportError as exc:
+        raise PromotionError(f"cannot evaluate a {ranker_art.kind} ranker: models.two_stage has no "
+                             f"pipeline_from_artifacts/pipeline_recommender yet ({exc})") from None
+    retrieval_art = load_from_registry(f"models:/{reg.retrieval_model}@{reg.champion_alias}", settings)
+    pipeline = pipeline_from_artifacts(retrieval_art.build(), ranker_art, n_candidates=settings.serving.candidates)
+    view = pipeline_recommender(pipeline)
+    feats = pipeline.ranker.features
+    view.users, view.items = getattr(view, "users", feats.users), getattr(view, "items", feats.items)
+    return view
+
+
 def load_version(settings: Settings, name: str, version: str) -> tuple[Any, Any]:
-    """(servable, artifact) of a registered version, through the artifact loader serving uses."""
+    """(full-catalog scorer, artifact) of a registered version, via the loader serving uses."""
     from models.artifacts import load_from_registry
 
     art = load_from_registry(f"models:/{name}/{version}", settings)
-    return art.build(), art
+    return recommender_view(art, settings), art
+
+
+def _id_maps(model: Any, art: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The id maps the scorer's indices refer to (its own, else the artifact's)."""
+    from models.base import IdMap
+
+    users = getattr(model, "users", None)
+    items = getattr(model, "items", None)
+    users = users if isinstance(users, IdMap) else art.users
+    items = items if isinstance(items, IdMap) else art.items
+    if users is None or items is None:
+        raise PromotionError(f"{art.kind} artifact has no user/item id maps: it cannot be evaluated")
+    return users.ids, items.ids
 
 
 def training_window_end(tags: dict[str, str], metadata: dict[str, Any]) -> str | None:
@@ -609,11 +676,11 @@ def promote(
         raise PromotionError(f"{name} version {version} is already the {reg.champion_alias}")
     space = _space(es)
     cand_model, art_c = load_version(settings, name, version)
-    candidate = measure(cand_model, art_c.users.ids, art_c.items.ids, es, settings, space=space)
+    candidate = measure(cand_model, *_id_maps(cand_model, art_c), es, settings, space=space)
     champion = None
     if champion_v is not None:
         champ_model, art_h = load_version(settings, name, champion_v)
-        champion = measure(champ_model, art_h.users.ids, art_h.items.ids, es, settings, space=space)
+        champion = measure(champ_model, *_id_maps(champ_model, art_h), es, settings, space=space)
     baseline = popularity_baseline(es, settings, space=space)
     training_end = training_window_end(mv.tags, art_c.metadata)
     checks = evaluate_checks(candidate, champion, baseline, settings, alias=alias,
