@@ -1,0 +1,396 @@
+"""Feature store: transforms on hand-made frames, point-in-time training sets, materialisation and
+online reads on SQLite, real-time updates, and the same on a real Redis (skipped if unreachable).
+
+Feast apply/materialise is slow-ish, so one store is built per module (on the tiny synthetic
+dataset plus a hand-made user whose ratings make leakage visible) and shared by the tests."""
+from __future__ import annotations
+
+import socket
+import uuid
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.schemas import DataError, coerce_events
+from feature_defs import schema as S
+from feature_defs import transforms as T
+
+UTC = timezone.utc
+
+
+def ts(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+def events_frame(rows: list[tuple]) -> pd.DataFrame:
+    """(user, item, type, value, time) tuples -> a frame in the lake's event schema."""
+    raw = pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "value", "timestamp"])
+    raw["timestamp"] = pd.to_datetime(raw["timestamp"], utc=True)
+    return coerce_events(raw, source="test")
+
+
+#: A catalog in the lake's item schema (built directly: coerce_items would fill b's unknown created_at).
+ITEMS = pd.DataFrame({
+    "item_id": ["a", "b", "c"],
+    "title": ["A", "B", "C"],
+    "categories": [["drama"], ["comedy", "drama"], []],
+    "created_at": pd.Series([ts("2023-01-01"), pd.NaT, ts("2023-06-01")], dtype="datetime64[us, UTC]"),
+})
+
+
+# ---- transforms (no Feast) ---------------------------------------------------------------------
+
+def by_day(frame: pd.DataFrame, key: str, entity: str) -> pd.DataFrame:
+    out = frame[frame[key] == entity].copy()
+    out.index = out[S.TS].dt.strftime("%m-%d")
+    return out
+
+
+def test_activity_snapshots_windows_totals_and_decay_days() -> None:
+    ev = events_frame([
+        ("u", "a", "rate", 4.0, "2024-01-01 10:00"),
+        ("u", "b", "rate", 2.0, "2024-01-01 11:00"),
+        ("u", "c", "view", 1.0, "2024-01-03 09:00"),
+        ("u", "a", "view", 1.0, "2024-03-01 09:00"),  # after end_day: must be ignored
+    ])
+    out = T.activity_snapshots(ev, key="user_id", prefix="user", end_day=date(2024, 2, 10),
+                               items=ITEMS, category_vocab=T.category_vocabulary(ITEMS))
+    snap = by_day(out, "user_id", "u")
+    # rows on activity days and on the days events leave the 1/7/30-day windows, dated the next midnight
+    assert list(snap.index) == ["01-02", "01-03", "01-04", "01-05", "01-09", "01-11", "02-01", "02-03"]
+    assert snap[S.TS].max() <= ts("2024-02-11")
+    cols = ["user_events_1d", "user_events_7d", "user_events_30d", "user_events_total"]
+    assert snap.loc["01-02", cols].tolist() == [2, 2, 2, 2]
+    assert snap.loc["01-03", cols].tolist() == [0, 2, 2, 2]
+    assert snap.loc["01-04", cols].tolist() == [1, 3, 3, 3]
+    assert snap.loc["01-09", cols].tolist() == [0, 1, 3, 3]   # day 1 left the 7-day window
+    assert snap.loc["02-01", cols].tolist() == [0, 0, 1, 3]   # day 1 left the 30-day window
+    assert snap.loc["02-03", cols].tolist() == [0, 0, 0, 3]
+    assert snap.loc["01-04", "user_ratings_total"] == 2
+    assert snap.loc["01-04", "user_mean_rating"] == pytest.approx(3.0)
+    assert snap.loc["01-02", "user_last_event_ts"] == int(ts("2024-01-01 11:00").timestamp())
+    assert snap.loc["02-03", "user_last_event_ts"] == int(ts("2024-01-03 09:00").timestamp())
+    # vocabulary [comedy, drama]: a (drama) + b (comedy, drama); c has no category
+    assert T.category_vocabulary(ITEMS) == ["comedy", "drama"]
+    assert snap.loc["01-02", "user_category_counts"].tolist() == [1.0, 2.0]
+    assert snap.loc["02-03", "user_category_counts"].tolist() == [1.0, 2.0]
+
+
+def test_activity_without_ratings_has_null_mean_and_item_stats_use_item_key() -> None:
+    ev = events_frame([("u1", "a", "view", 1.0, "2024-01-01 10:00"), ("u2", "a", "click", 1.0, "2024-01-01 12:00")])
+    users = T.activity_snapshots(ev, key="user_id", prefix="user", end_day=date(2024, 1, 1))
+    assert users["user_mean_rating"].isna().all() and (users["user_ratings_total"] == 0).all()
+    items = T.activity_snapshots(ev, key="item_id", prefix="item", end_day=date(2024, 1, 1))
+    assert items[["item_id", "item_events_1d", "item_events_total"]].values.tolist() == [["a", 2, 2]]
+    with pytest.raises(ValueError, match="key must be"):
+        T.activity_snapshots(ev, key="session", prefix="x", end_day=date(2024, 1, 1))
+
+
+def test_history_snapshots_newest_first_truncated_with_stable_ties() -> None:
+    rows = [("u", f"i{k}", "view", 1.0, f"2024-01-01 10:{k:02d}") for k in range(5)]
+    rows += [("u", "late", "view", 1.0, "2024-01-02 08:00")]
+    out = T.history_snapshots(events_frame(rows), end_day=date(2024, 1, 2), length=3)
+    snap = by_day(out, "user_id", "u")
+    assert snap.loc["01-02", "recent_items"] == ["i4", "i3", "i2"]
+    assert snap.loc["01-03", "recent_items"] == ["late", "i4", "i3"]
+    with pytest.raises(ValueError, match="history length"):
+        T.history_snapshots(events_frame(rows), end_day=date(2024, 1, 2), length=0)
+
+
+def test_catalog_table_keeps_cold_items_and_null_creation_times() -> None:
+    cat = T.catalog_table(ITEMS).set_index("item_id")
+    assert cat.loc["b", S.TS] == pd.Timestamp(0, tz="UTC")       # unknown creation: valid from 1970
+    assert pd.isna(cat.loc["b", "item_created_ts"])
+    assert cat.loc["a", "item_created_ts"] == int(ts("2023-01-01").timestamp())
+    assert cat.loc["c", "item_categories"] == []
+
+
+def test_transforms_reject_frames_without_required_columns() -> None:
+    ev = events_frame([("u", "a", "view", 1.0, "2024-01-01 10:00")]).drop(columns=["event_type"])
+    with pytest.raises(DataError, match="event_type"):
+        T.history_snapshots(ev, end_day=date(2024, 1, 1))
+
+
+def test_derived_features_are_relative_to_each_rows_time() -> None:
+    frame = pd.DataFrame({
+        "user_last_event_ts": [int(ts("2024-01-01").timestamp()), None],
+        "user_category_counts": [np.array([1.0, 3.0]), None],
+    })
+    T.derive_user_features(frame, pd.Series([ts("2024-01-03"), ts("2024-01-03")]))
+    assert frame["user_days_since_last_event"].iloc[0] == pytest.approx(2.0)
+    assert np.isnan(frame["user_days_since_last_event"].iloc[1])
+    assert frame["user_category_affinity"].iloc[0].tolist() == pytest.approx([0.25, 0.75])
+    assert frame["user_category_affinity"].iloc[1] is None
+    one = T.derive_user_dict({"user_last_event_ts": int(ts("2024-01-01").timestamp()), "user_category_counts": [0.0, 0.0]},
+                             ts("2024-01-02").timestamp())
+    assert one["user_days_since_last_event"] == pytest.approx(1.0) and one["user_category_affinity"] is None
+
+
+def test_realtime_update_matches_the_batch_recompute(tiny_dataset) -> None:
+    """Folding day D's events into the day D-1 snapshot gives the batch day-D snapshot for every
+    cumulative feature and the history (window counters only decay at materialisation)."""
+    ev, items = tiny_dataset.events, tiny_dataset.items
+    vocab = T.category_vocabulary(items)
+    d1, d2 = date(2024, 1, 9), date(2024, 1, 10)
+    act1 = T.activity_snapshots(ev, key="user_id", prefix="user", end_day=d1, items=items, category_vocab=vocab)
+    act2 = T.activity_snapshots(ev, key="user_id", prefix="user", end_day=d2, items=items, category_vocab=vocab)
+    hist1, hist2 = T.history_snapshots(ev, end_day=d1), T.history_snapshots(ev, end_day=d2)
+    cat_index = {i: [vocab.index(c) for c in cats] for i, cats in zip(items["item_id"], items["categories"])}
+    day2 = ev[ev["timestamp"].dt.date == d2]
+    checked = 0
+    for uid, mine in list(day2.groupby("user_id"))[:25]:
+        state = T.empty_user_state(len(vocab))
+        before = act1[act1["user_id"] == uid].tail(1)
+        if len(before):
+            state.update({c: before.iloc[0][c] for c in S.USER_ACTIVITY_COLUMNS})
+            h = hist1[hist1["user_id"] == uid].tail(1)
+            state["recent_items"] = list(h.iloc[0]["recent_items"]) if len(h) else []
+            state["user_mean_rating"] = None if pd.isna(state["user_mean_rating"]) else state["user_mean_rating"]
+        new = T.update_user_state(state, mine, item_category_index=cat_index, n_categories=len(vocab))
+        want = act2[(act2["user_id"] == uid)].tail(1).iloc[0]
+        assert new["user_events_total"] == want["user_events_total"]
+        assert new["user_ratings_total"] == want["user_ratings_total"]
+        if pd.isna(want["user_mean_rating"]):
+            assert new["user_mean_rating"] is None
+        else:
+            assert new["user_mean_rating"] == pytest.approx(want["user_mean_rating"])
+        assert new["user_last_event_ts"] == want["user_last_event_ts"]
+        assert new["user_category_counts"].tolist() == want["user_category_counts"].tolist()
+        assert new["recent_items"] == hist2[hist2["user_id"] == uid].tail(1).iloc[0]["recent_items"]
+        checked += 1
+    assert checked >= 10
+
+
+# ---- Feast-backed: one store per module ---------------------------------------------------------
+
+#: A hand-made user whose two ratings (1 on day 3, 5 on day 5) make any leakage visible.
+PIT_USER = "pit-user"
+PIT_EVENTS = [
+    (PIT_USER, "i1", "rate", 1.0, "2024-01-03 10:00"),
+    (PIT_USER, "i2", "rate", 5.0, "2024-01-05 15:00"),
+]
+
+
+def _make_settings(root: Path, *, lake_dir: Path | None = None, **features):
+    from core.config import load_settings
+
+    overrides: dict = {"environment": "test", "features": features}
+    if lake_dir is not None:
+        overrides["paths"] = {"lake_dir": str(lake_dir)}
+    return load_settings(root=root, environ={}, overrides=overrides)
+
+
+def _fill_lake(settings, dataset) -> None:
+    from core.lake import Lake
+
+    lake = Lake(settings.paths.lake_dir)
+    lake.write_events(pd.concat([dataset.events, events_frame(PIT_EVENTS)], ignore_index=True))
+    lake.upsert("items", dataset.items)
+
+
+@pytest.fixture(scope="module")
+def store_settings(tmp_path_factory, tiny_dataset):
+    """A lake (tiny synthetic + the PIT user) with its features built and applied (SQLite online store)."""
+    from pipelines.features import build_features
+
+    settings = _make_settings(tmp_path_factory.mktemp("features"))
+    _fill_lake(settings, tiny_dataset)
+    report = build_features(settings=settings)
+    assert report.end_day == "2024-01-14" and report.rows[S.USER_ACTIVITY] > 0
+    return settings
+
+
+@pytest.fixture(scope="module")
+def materialized(store_settings):
+    """Materialise to the end of 2024-01-07, read the PIT user, then incrementally to the end."""
+    from pipelines.features import OnlineFeatureClient, materialize
+
+    first = materialize(settings=store_settings, end=date(2024, 1, 7))
+    mid = OnlineFeatureClient(store_settings, load_items=False).user_features(PIT_USER)
+    second = materialize(settings=store_settings, end=date(2024, 1, 14))
+    again = materialize(settings=store_settings, end=date(2024, 1, 14))
+    return {"first": first, "mid": mid, "second": second, "again": again}
+
+
+@pytest.mark.slow
+def test_training_set_is_point_in_time_correct(store_settings) -> None:
+    from pipelines.features import training_set
+
+    labels = pd.DataFrame({
+        "user_id": [PIT_USER, PIT_USER, PIT_USER, PIT_USER, "nobody"],
+        "item_id": ["i9", "i9", "i9", "i9", "i1"],
+        "event_timestamp": [ts("2024-01-03 09:00"),    # before any event: nulls, row kept
+                            ts("2024-01-05 15:00"),    # the second rating's own time: must not see it
+                            ts("2024-01-05 23:59:59"),  # later the same day: still must not
+                            ts("2024-01-06 00:00"),    # first instant the day-5 snapshot is valid
+                            ts("2024-01-10 00:00")],
+        "label": [0, 1, 2, 3, 4],
+    })
+    out = training_set(labels, settings=store_settings, service="ranker_v1")
+    assert out["label"].tolist() == [0, 1, 2, 3, 4]          # every row, in input order
+    assert pd.isna(out.loc[0, "user_events_total"]) and out.loc[0, "recent_items"] is None
+    for row in (1, 2):
+        assert out.loc[row, "user_events_total"] == 1
+        assert out.loc[row, "user_mean_rating"] == pytest.approx(1.0)
+        assert list(out.loc[row, "recent_items"]) == ["i1"]
+        assert out.loc[row, "user_last_event_ts"] == int(ts("2024-01-03 10:00").timestamp())
+    assert out.loc[3, "user_events_total"] == 2 and out.loc[3, "user_mean_rating"] == pytest.approx(3.0)
+    assert list(out.loc[3, "recent_items"]) == ["i2", "i1"]
+    assert out.loc[1, "user_days_since_last_event"] == pytest.approx((ts("2024-01-05 15:00") - ts("2024-01-03 10:00")).total_seconds() / 86400)
+    assert pd.isna(out.loc[4, "user_events_total"])         # unknown user: nulls, not dropped
+    assert out.loc[4, "item_categories"] is not None and not pd.isna(out.loc[4, "item_age_days"])
+    # item features are point-in-time too: item i2's count on day 5 includes the rating only from day 6
+    stats = training_set(pd.DataFrame({"user_id": [PIT_USER] * 2, "item_id": ["i2", "i2"],
+                                       "timestamp": [ts("2024-01-05 16:00"), ts("2024-01-06 00:00")]}),
+                         settings=store_settings, service="two_tower_v1")
+    assert stats.loc[1, "item_events_total"] > stats.loc[0, "item_events_total"]
+
+
+def test_training_set_rejects_bad_entity_frames(store_settings) -> None:
+    from pipelines.features import training_set
+
+    with pytest.raises(DataError, match="event_timestamp"):
+        training_set(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}), settings=store_settings)
+    with pytest.raises(DataError, match="item_id"):
+        training_set(pd.DataFrame({"user_id": ["u1"], "event_timestamp": [ts("2024-01-02")]}), settings=store_settings)
+    with pytest.raises(ValueError, match="unknown feature service"):
+        training_set(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "event_timestamp": [ts("2024-01-02")]}),
+                     settings=store_settings, service="ranker_v9")
+
+
+def test_build_refuses_an_empty_lake(settings) -> None:
+    from pipelines.features import build_features, materialize
+
+    with pytest.raises(DataError, match="no event partitions"):
+        build_features(settings=settings)
+    with pytest.raises(FileNotFoundError, match="features build"):
+        materialize(settings=settings)
+
+
+@pytest.mark.slow
+def test_materialize_is_incremental_and_online_reads_match_offline(store_settings, materialized) -> None:
+    from feature_defs.definitions import table_path
+    from pipelines.features import OnlineFeatureClient, feature_paths
+
+    first, second, again = materialized["first"], materialized["second"], materialized["again"]
+    # the second run loads only snapshots after the first run's end; the third finds nothing new
+    assert first.views[S.USER_ACTIVITY]["to"] == second.views[S.USER_ACTIVITY]["from"]
+    assert second.views[S.USER_ACTIVITY]["snapshot_rows"] > 0
+    assert again.views[S.USER_ACTIVITY]["snapshot_rows"] == 0
+    # after the first run the PIT user's online features are the day-5 snapshot
+    assert materialized["mid"]["user_events_total"] == 2 and materialized["mid"]["recent_items"] == ["i2", "i1"]
+
+    client = OnlineFeatureClient(store_settings)
+    tables = feature_paths(store_settings).tables_dir
+    activity = pd.read_parquet(table_path(tables, S.USER_ACTIVITY))
+    for uid in ["u1", "u17", "u150", PIT_USER]:
+        want = activity[activity["user_id"] == uid].sort_values(S.TS).iloc[-1]
+        got = client.user_features(uid, now=ts("2024-01-15"))
+        for col in ("user_events_1d", "user_events_7d", "user_events_30d", "user_events_total", "user_last_event_ts"):
+            assert got[col] == want[col], (uid, col)
+        assert got["user_category_counts"] == pytest.approx(list(want["user_category_counts"]))
+    stats = pd.read_parquet(table_path(tables, S.ITEM_STATS))
+    ids = ["i1", "i5", "i40", "not-an-item"]
+    batch = client.item_features(ids, now=ts("2024-01-15"))
+    assert batch.known.tolist() == [True, True, True, False]
+    frame = batch.as_frame()
+    for iid in ids[:3]:
+        want = stats[stats["item_id"] == iid].sort_values(S.TS).iloc[-1]
+        assert frame.loc[iid, "item_events_7d"] == want["item_events_7d"]
+        assert frame.loc[iid, "item_mean_rating"] == pytest.approx(want["item_mean_rating"], nan_ok=True)
+    assert np.isnan(frame.loc["not-an-item"]).all() and batch.category_multi_hot[3].sum() == 0
+    via_feast = client.items_via_feast(ids[:3])
+    assert via_feast["item_events_7d"] == frame.loc[ids[:3], "item_events_7d"].astype(int).tolist()
+    assert client.refresh_items() is False       # nothing newer materialised
+
+
+@pytest.mark.slow
+def test_apply_events_is_visible_immediately(store_settings, materialized) -> None:
+    from pipelines.features import OnlineFeatureClient
+
+    client = OnlineFeatureClient(store_settings)
+    before = client.user_features("u3")                  # now cached in this process
+    late = ts("2024-01-14 12:00")                         # older than the stored end-of-day snapshot
+    result = client.apply_events(pd.DataFrame([
+        {"user_id": "u3", "item_id": "i7", "event_type": "rate", "value": 5.0, "timestamp": late},
+        {"user_id": "brand-new", "item_id": "i8", "event_type": "view", "value": 1.0, "timestamp": late},
+    ]))
+    assert result == {"users": 2, "events": 2}
+    after = client.user_features("u3")
+    assert after["user_events_total"] == before["user_events_total"] + 1
+    assert after["recent_items"][0] == "i7" and after["recent_items"][1:] == before["recent_items"][:S.HISTORY_LENGTH - 1]
+    assert after["user_ratings_total"] == before["user_ratings_total"] + 1
+    # a fresh process (empty cache) reads the same from the online store
+    other = OnlineFeatureClient(store_settings, load_items=False)
+    assert other.user_features("u3")["user_events_total"] == after["user_events_total"]
+    new_user = other.user_features("brand-new")
+    assert new_user["user_events_total"] == 1 and new_user["recent_items"] == ["i8"]
+    assert new_user["user_mean_rating"] is None
+    assert sum(new_user["user_category_counts"]) == float(len(client.items.categories[client.items.index["i8"]]))
+
+
+def test_feastignore_leaves_only_the_declarations_module() -> None:
+    from feast.repo_operations import get_repo_files
+
+    repo = Path(__file__).resolve().parents[1] / "feature_defs"
+    assert [p.name for p in get_repo_files(repo)] == ["repo.py"]
+
+
+def test_redis_connection_string_from_url() -> None:
+    from pipelines.features import redis_connection_string
+
+    assert redis_connection_string("redis://127.0.0.1:6379/2") == "127.0.0.1:6379,db=2"
+    assert redis_connection_string("rediss://:p%40ss@cache:6380") == "cache:6380,db=0,password=p@ss,ssl=true"
+    with pytest.raises(ValueError, match="redis://"):
+        redis_connection_string("http://x")
+
+
+# ---- real Redis -----------------------------------------------------------------------------------
+
+def _redis_up(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_redis_online_store_end_to_end(tmp_path, store_settings) -> None:
+    if not _redis_up():
+        pytest.skip("Redis is not reachable on 127.0.0.1:6379")
+    import redis
+
+    from pipelines.features import OnlineFeatureClient, build_features, feature_store, materialize
+
+    project = f"t{uuid.uuid4().hex[:12]}"   # Feast suffixes every Redis key with the project
+    settings = _make_settings(tmp_path, lake_dir=store_settings.paths.lake_dir,  # same lake, own registry
+                              online_store="redis", project=project, redis_url="redis://127.0.0.1:6379/0")
+    conn = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        build_features(settings=settings)
+        materialize(settings=settings, end=date(2024, 1, 14))
+        assert any(True for _ in conn.scan_iter(match=b"*" + project.encode(), count=1000))
+        redis_client = OnlineFeatureClient(settings)
+        sqlite_client = OnlineFeatureClient(store_settings, load_items=False)
+        for uid in ("u1", "u42", PIT_USER):
+            r, s = redis_client.user_features(uid), sqlite_client.user_features(uid)
+            assert r["user_events_7d"] == s["user_events_7d"] and r["user_last_event_ts"] == s["user_last_event_ts"]
+        assert redis_client.user_features(PIT_USER)["recent_items"] == ["i2", "i1"]
+        # a late event (older than the stored snapshot time) is still written: Redis keeps the
+        # newest event time, so apply_events dates the write just after the stored one
+        redis_client.apply_events(pd.DataFrame([{"user_id": PIT_USER, "item_id": "i3", "event_type": "rate",
+                                                 "value": 3.0, "timestamp": ts("2024-01-05 16:00")}]))
+        fresh = OnlineFeatureClient(settings, load_items=False).user_features(PIT_USER)
+        assert fresh["recent_items"] == ["i3", "i2", "i1"] and fresh["user_mean_rating"] == pytest.approx(3.0)
+        assert redis_client.item_features(["i1", "i2"]).known.all()
+    finally:
+        feature_store(settings).teardown()
+        leftovers = list(conn.scan_iter(match=b"*" + project.encode(), count=1000))
+        for key in leftovers:
+            conn.delete(key)
+        conn.close()
+    assert not leftovers, f"teardown left {len(leftovers)} Redis keys of project {project}"
