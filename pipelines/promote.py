@@ -581,6 +581,12 @@ def evaluate_checks(candidate: dict[str, float], champion: dict[str, float] | No
     return checks
 
 
+def _headline_keys(metrics: dict[str, float]) -> list[str]:
+    """The metrics worth a tag of their own: accuracy@10-style, coverage, calibration, latency."""
+    return [k for k in metrics if k.split("@")[0] in ("ndcg", "recall", "coverage", "miscalibration")
+            and k.endswith("@10")] + [k for k in ("latency_ms",) if k in metrics]
+
+
 def _record(client, decision: Decision) -> None:
     """Write the decision to the candidate version's tags and description (the audit trail)."""
     from core.tracking import metric_key
@@ -596,9 +602,14 @@ def _record(client, decision: Decision) -> None:
         "gate.champion_version": decision.champion_version or "none",
         "gate.failed_checks": ",".join(c.name for c in decision.failed()) or "none",
     }
+    # headline metrics as searchable tags; the full sets as one JSON tag each (one write per tag)
+    reg_keys = _headline_keys(decision.candidate)
     for prefix, metrics in (("gate.candidate", decision.candidate), ("gate.champion", decision.champion or {})):
-        for key, value in metrics.items():
-            tags[f"{prefix}.{metric_key(key)}"] = f"{value:.6g}"
+        for key in reg_keys:
+            if key in metrics:
+                tags[f"{prefix}.{metric_key(key)}"] = f"{metrics[key]:.6g}"
+        if metrics:
+            tags[f"{prefix}_metrics"] = json.dumps({k: round(v, 6) for k, v in sorted(metrics.items())})[:4900]
     for key, value in tags.items():
         client.set_model_version_tag(name, v, key, value)
     lines = [f"[{decision.decided_at}] gate -> {decision.outcome.upper()} as '{decision.alias}'",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipelines import promote as P
+from test_infra_mlflow import use_template
 
 KIND = "test_item_item"
 
@@ -83,6 +84,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("promote")
     settings = load_settings(root=root, environ={}, overrides={
         "environment": "test", "registry": {"eval_test_days": 4, "latency_repeats": 3}})
+    use_template(settings, tmp_path_factory)
     ingest("synthetic", settings=settings, dataset=generate(n_users=300, n_items=150, n_events=12_000, n_days=14, seed=7))
     es = P.freeze_eval_set(settings)
     train = InteractionData.from_frame(es.history)
