@@ -72,7 +72,8 @@ class CheckOutcome:
             what = f"could not run: {self.error}"
         elif self.unexpected_count is not None and self.element_count is not None:
             pct = 100.0 * self.unexpected_count / self.element_count if self.element_count else 0.0
-            what = f"{self.unexpected_count:,} of {self.element_count:,} values unexpected ({pct:.2g}%)"
+            share = f"{pct:.1f}%" if pct >= 0.1 or pct == 0 else "<0.1%"
+            what = f"{self.unexpected_count:,} of {self.element_count:,} values unexpected ({share})"
         else:
             what = f"observed {self.observed}"
         text = f"  {tag} {self.name}: {what}; expected {self.expected}"
@@ -314,11 +315,17 @@ def _examples(column: str | None, result: dict[str, Any], frame: pd.DataFrame, n
         return [f"{entity}={k} (x{c})" for k, c in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
     out = []
     for item in (result.get("partial_unexpected_counts") or [])[:n]:
-        value = item.get("value")
-        out.append(f"{value!r} (x{item.get('count')})" if not isinstance(value, (list, tuple, dict)) else f"{value} (x{item.get('count')})")
+        out.append(f"{_example(item.get('value'))} (x{item.get('count')})")
     if not out:
-        out = [repr(v) for v in (result.get("partial_unexpected_list") or [])[:n]]
+        out = [_example(v) for v in (result.get("partial_unexpected_list") or [])[:n]]
     return out
+
+
+def _example(value: Any) -> str:
+    """Strings quoted (so '' and ' x' are visible), everything else as printed."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(str(v) for v in value) + ")"
+    return repr(value) if isinstance(value, str) or value is None else str(value)
 
 
 def _outcomes(result: Any, frame: pd.DataFrame, warn: set[str], n_examples: int) -> list[CheckOutcome]:
@@ -403,8 +410,10 @@ def event_facts(lake: Lake, day: date, frame: pd.DataFrame, *, settings: Setting
         start: datetime | None = _utc(cfg.dataset_start)
         notes["events.timestamp_after_start"] = f"validation.dataset_start = {cfg.dataset_start}"
     elif others:
-        start = _utc(others[0])
-        notes["events.timestamp_after_start"] = f"the lake's earliest other partition, {others[0]}"
+        first = others[0] - timedelta(days=cfg.backfill_tolerance_days)
+        start = _utc(first)
+        notes["events.timestamp_after_start"] = (f"the lake's earliest other partition {others[0]} minus "
+                                                 f"{cfg.backfill_tolerance_days} days; set validation.dataset_start to fix it")
     else:
         start = None
     fresh_after = None
@@ -597,3 +606,81 @@ def validate_partitions(
     if failed:
         raise ValidationFailed(failed)
     return reports
+
+
+# ---- demo -------------------------------------------------------------------------------------
+def poisoned_batch_demo(settings: Settings, *, days: int | None = None, now: datetime | None = None) -> ValidationReport:
+    """Show the gate refusing a bad batch, on a scratch *copy* of the lake (never the real data).
+
+    Copies the newest partitions and the catalog into ``var/demo/poisoned-lake``, writes a
+    synthetic next day built from the newest day's events with injected faults (unknown item
+    ids, out-of-range ratings, null user ids, duplicated events) the way a broken upstream writer
+    would, validates it, and returns the report of the quarantined batch.
+    """
+    from core.schemas import make_event_ids
+
+    lake = Lake(settings.paths.lake_dir)
+    history = lake.partitions()
+    if not history:
+        raise DataError(f"the lake at {lake.root} is empty: ingest something before the validation demo")
+    scratch = settings.paths.var_dir / "demo" / "poisoned-lake"
+    if scratch.exists():
+        shutil.rmtree(scratch)  # the previous run's scratch copy, not lake data
+    demo_settings = settings.model_copy(update={"paths": settings.paths.model_copy(
+        update={"lake_dir": scratch / "lake", "var_dir": scratch / "var"})})
+    copy = Lake(demo_settings.paths.lake_dir)
+    keep = history[-(days or settings.validation.volume_window):]
+    for d in keep:
+        for f in _partition_files(lake, d):
+            target = copy.partition_dir(d) / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+    for table in ("items", "users"):
+        if lake.table_path(table).exists():
+            copy.table_path(table).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lake.table_path(table), copy.table_path(table))
+    batch = _read_files(_partition_files(lake, keep[-1]))
+    batch["timestamp"] = batch["timestamp"] + pd.Timedelta(days=1)
+    n = len(batch)
+    k = max(1, n // 30)
+    batch.loc[batch.index[:k], "item_id"] = [f"ghost-{i}" for i in range(k)]            # unknown items
+    rated = batch.index[batch["event_type"] == "rate"]
+    batch.loc[rated[k:2 * k], "value"] = 50.0                                           # rating out of range
+    batch["event_id"] = make_event_ids(batch.fillna({"user_id": ""}))
+    batch.loc[batch.index[2 * k:2 * k + 3], "user_id"] = None                          # null keys
+    batch = pd.concat([batch, batch.iloc[-k:].assign(event_id=lambda f: f["event_id"] + "-dup")], ignore_index=True)
+    day = keep[-1] + timedelta(days=1)
+    copy.replace_partition(day, batch)  # straight to Parquet, as a broken upstream writer would
+    try:
+        validate_partition(day, settings=demo_settings, now=now)
+    except ValidationFailed as exc:
+        return exc.report
+    raise AssertionError("the poisoned batch passed the gate: the suites are broken")
+
+
+def step_validate(settings: Settings, state: "DemoState") -> str:
+    """Demo step: validate the newest ingested partitions and the catalog, then quarantine a
+    poisoned copy. Validating every ML-100K partition takes ~0.4 s CPU each, so the demo checks
+    the ``validation.demo_recent_partitions`` newest ones (the gate runs per new batch anyway)."""
+    import time as _time
+
+    t0 = _time.perf_counter()
+    lake = Lake(settings.paths.lake_dir)
+    ingested = sorted(date.fromisoformat(d) for d in state.values.get("partitions", [])) or lake.partitions()
+    present = set(lake.partitions())
+    days = [d for d in ingested if d in present][-settings.validation.demo_recent_partitions:]
+    reports: list[ValidationReport] = []
+    for run in (lambda: validate_partitions(days, settings=settings), lambda: validate_catalog(settings=settings)):
+        try:
+            reports += run()
+        except ValidationFailed as exc:
+            reports += exc.reports
+    bad = [r for r in reports if not r.success]
+    elapsed = _time.perf_counter() - t0
+    poisoned = poisoned_batch_demo(settings)
+    state.values["validation"] = {"reports": [r.as_dict() for r in reports], "poisoned": poisoned.as_dict()}
+    verdict = "all passed" if not bad else f"{len(bad)} FAILED and quarantined ({', '.join(r.label for r in bad)})"
+    rows = sum(r.rows for r in reports if r.table == "events")
+    return (f"validated the {len(days)} newest partitions ({rows:,} events) + catalog in {elapsed:.1f}s: {verdict}; "
+            f"a poisoned copy of {poisoned.date} was quarantined by {', '.join(c.name for c in poisoned.failed)} "
+            f"-> {poisoned.quarantine_dir} (Data Docs: {poisoned.docs_path})")
