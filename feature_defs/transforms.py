@@ -89,7 +89,7 @@ def activity_snapshots(
             SELECT {key} AS k, CAST(timestamp AS DATE) AS day, count(*) AS n,
                    count(*) FILTER (WHERE event_type = '{S.RATING_EVENT}') AS rn,
                    sum(value) FILTER (WHERE event_type = '{S.RATING_EVENT}') AS rsum,
-                   max(epoch(timestamp))::BIGINT AS last_ts
+                   floor(max(epoch(timestamp)))::BIGINT AS last_ts
             FROM ev_in WHERE CAST(timestamp AS DATE) <= $end GROUP BY ALL""", {"end": end_day})
         con.execute(f"""
             CREATE TEMP TABLE snaps AS
@@ -281,9 +281,46 @@ def empty_user_state(n_categories: int) -> dict[str, Any]:
     return state
 
 
+def event_records(events: pd.DataFrame | Sequence[Mapping[str, Any]], *, source: str = "events") -> list[dict[str, Any]]:
+    """Check new events and turn them into plain dicts (the real-time path avoids pandas per event).
+
+    Required: ``user_id``, ``item_id``, ``timestamp`` (datetime, ISO string or epoch seconds);
+    optional: ``event_type`` (default ``view``, must be a known type), ``value`` (default 1.0),
+    ``event_id`` (ties in time are broken by it, as in the batch transforms). Each record gets
+    ``ts`` (epoch seconds, float). Raises :class:`DataError` naming the row and column.
+    """
+    from core.schemas import EVENT_TYPES
+
+    rows = events.to_dict("records") if isinstance(events, pd.DataFrame) else [dict(e) for e in events]
+    out = []
+    for n, row in enumerate(rows):
+        for col in ("user_id", "item_id", "timestamp"):
+            v = row.get(col)
+            if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()):
+                raise DataError("missing value", source=source, row=n, column=col)
+        etype = str(row.get("event_type") or "view").strip().lower()
+        if etype not in EVENT_TYPES:
+            raise DataError(f"unknown event_type {etype!r} (allowed: {', '.join(EVENT_TYPES)})", source=source, row=n,
+                            column="event_type")
+        raw_ts = row["timestamp"]
+        try:
+            when = float(raw_ts) if isinstance(raw_ts, (int, float, np.integer, np.floating)) else \
+                _seconds(pd.Timestamp(raw_ts))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"unparsable timestamp {raw_ts!r} ({exc})", source=source, row=n, column="timestamp") from None
+        value = row.get("value")
+        try:
+            value = 1.0 if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"value {value!r} is not a number", source=source, row=n, column="value") from None
+        out.append({"event_id": str(row.get("event_id") or ""), "user_id": str(row["user_id"]).strip(),
+                    "item_id": str(row["item_id"]).strip(), "event_type": etype, "value": value, "ts": when})
+    return out
+
+
 def update_user_state(
     state: Mapping[str, Any],
-    events: pd.DataFrame,
+    events: pd.DataFrame | Sequence[Mapping[str, Any]],
     *,
     item_category_index: Mapping[str, Sequence[int]],
     n_categories: int,
@@ -295,33 +332,39 @@ def update_user_state(
     exactly as the batch transforms would compute them with these events included. Window
     counters are incremented but only *decay* when the next daily snapshot is materialised,
     so between materialisations ``user_events_1d`` can over-count by the previous day's events
-    (see docs/features.md). ``item_category_index`` maps item id -> vocabulary indices.
+    (see docs/features.md). ``events``: a frame or :func:`event_records` dicts;
+    ``item_category_index`` maps item id -> vocabulary indices.
     """
-    ev = events.sort_values(["timestamp", "event_id"], kind="stable")
+    recs = events if (not isinstance(events, pd.DataFrame) and all("ts" in r for r in events)) else event_records(events)
+    recs = sorted(recs, key=lambda r: (r["ts"], r["event_id"]))
     new = dict(state)
-    n = len(ev)
+    n = len(recs)
     for w in S.WINDOWS:
         new[f"user_events_{w}d"] = int(state.get(f"user_events_{w}d") or 0) + n
     new["user_events_total"] = int(state.get("user_events_total") or 0) + n
-    rated = ev["value"][ev["event_type"] == S.RATING_EVENT].to_numpy(dtype=float)
+    rated = [r["value"] for r in recs if r["event_type"] == S.RATING_EVENT]
     old_rn = int(state.get("user_ratings_total") or 0)
     old_mean = state.get("user_mean_rating")
-    if len(rated):
+    if old_mean is not None and np.isnan(old_mean):
+        old_mean = None
+    if rated:
         old_sum = (float(old_mean) * old_rn) if (old_rn and old_mean is not None) else 0.0
-        new["user_mean_rating"] = (old_sum + float(rated.sum())) / (old_rn + len(rated))
+        new["user_mean_rating"] = (old_sum + float(sum(rated))) / (old_rn + len(rated))
+    else:
+        new["user_mean_rating"] = old_mean
     new["user_ratings_total"] = old_rn + len(rated)
     known = [int(v) for v in (state.get("user_last_event_ts"),) if v is not None]
     if n:
-        known.append(int(ev["timestamp"].max().value // 10**9))
+        known.append(int(max(r["ts"] for r in recs)))
     new["user_last_event_ts"] = max(known) if known else None
-    counts = np.array(state.get("user_category_counts") if state.get("user_category_counts") is not None
-                      else np.zeros(n_categories), dtype=np.float32)
-    if counts.shape != (n_categories,):
-        counts = np.resize(counts, n_categories) if len(counts) else np.zeros(n_categories, dtype=np.float32)
-    for item in ev["item_id"].astype(str):
-        for idx in item_category_index.get(item, ()):
+    old_counts = state.get("user_category_counts")
+    counts = np.zeros(n_categories, dtype=np.float32)
+    if old_counts is not None and len(old_counts):
+        counts[: min(n_categories, len(old_counts))] = np.asarray(old_counts, dtype=np.float32)[:n_categories]
+    for r in recs:
+        for idx in item_category_index.get(r["item_id"], ()):
             counts[idx] += 1.0
     new["user_category_counts"] = counts
-    history = [str(i) for i in ev["item_id"].astype(str)[::-1]] + list(state.get("recent_items") or [])
+    history = [r["item_id"] for r in reversed(recs)] + list(state.get("recent_items") or [])
     new["recent_items"] = history[:length]
     return new

@@ -114,6 +114,18 @@ def test_transforms_reject_frames_without_required_columns() -> None:
         T.history_snapshots(ev, end_day=date(2024, 1, 1))
 
 
+def test_event_records_name_the_bad_row_and_column() -> None:
+    good = T.event_records([{"user_id": "u", "item_id": "a", "timestamp": "2024-01-01T00:00:10Z"}])
+    assert good[0]["ts"] == ts("2024-01-01 00:00:10").timestamp() and good[0]["event_type"] == "view"
+    with pytest.raises(DataError, match=r"row 1, column 'event_type'.*unknown event_type 'teleport'"):
+        T.event_records([{"user_id": "u", "item_id": "a", "timestamp": 1.0},
+                         {"user_id": "u", "item_id": "a", "timestamp": 1.0, "event_type": "teleport"}])
+    with pytest.raises(DataError, match=r"row 0, column 'timestamp'"):
+        T.event_records([{"user_id": "u", "item_id": "a", "timestamp": None}])
+    with pytest.raises(DataError, match=r"column 'timestamp'.*unparsable"):
+        T.event_records([{"user_id": "u", "item_id": "a", "timestamp": "yesterday-ish"}])
+
+
 def test_derived_features_are_relative_to_each_rows_time() -> None:
     frame = pd.DataFrame({
         "user_last_event_ts": [int(ts("2024-01-01").timestamp()), None],
