@@ -180,9 +180,10 @@ class GxRuntime:
         if key not in self._checkpoints:
             if table not in self._suites:
                 self._suites[table] = self.context.suites.add(gx.ExpectationSuite(name=table))
+            suite = self.context.suites.get(table)  # the stored version: other checkpoints may have saved it
             name = f"{table}_gate_{len(self._checkpoints)}"
             definition = self.context.validation_definitions.add(
-                gx.ValidationDefinition(name=name, data=self.batches[table], suite=self._suites[table]))
+                gx.ValidationDefinition(name=name, data=self.batches[table], suite=suite))
             self._checkpoints[key] = self.context.checkpoints.add(
                 gx.Checkpoint(name=name, validation_definitions=[definition], result_format=result_format))
         return self._checkpoints[key]
@@ -645,7 +646,7 @@ def poisoned_batch_demo(settings: Settings, *, days: int | None = None, now: dat
     k = max(1, n // 30)
     batch.loc[batch.index[:k], "item_id"] = [f"ghost-{i}" for i in range(k)]            # unknown items
     rated = batch.index[batch["event_type"] == "rate"]
-    batch.loc[rated[k:2 * k], "value"] = 50.0                                           # rating out of range
+    batch.loc[rated[-max(1, min(k, len(rated) // 3)):], "value"] = 50.0                  # rating out of range
     batch["event_id"] = make_event_ids(batch.fillna({"user_id": ""}))
     batch.loc[batch.index[2 * k:2 * k + 3], "user_id"] = None                          # null keys
     batch = pd.concat([batch, batch.iloc[-k:].assign(event_id=lambda f: f["event_id"] + "-dup")], ignore_index=True)
