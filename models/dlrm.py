@@ -532,18 +532,16 @@ class DLRMScorer:
         return self._weights[table][idx]
 
     def _bag_mean(self, table: str, values: np.ndarray, lengths: np.ndarray) -> "torch.Tensor":
-        """Mean-pooled bags (empty bag -> zeros), vectorised with index_add."""
+        """Mean-pooled bags (empty bag -> zeros) with torch's fused ``embedding_bag``."""
         import torch
+        import torch.nn.functional as F
 
-        n = len(lengths)
-        d = self.config.embedding_dim
-        out = torch.zeros(n, d)
-        if len(values):
-            rows = self._rows(table, torch.from_numpy(values))
-            seg = torch.from_numpy(np.repeat(np.arange(n), lengths))
-            out.index_add_(0, seg, rows)
-            out /= torch.from_numpy(np.maximum(lengths, 1).astype(np.float32)).unsqueeze(1)
-        return out
+        offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
+        idx = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        if self.quantized:  # dequantize only the rows used, then pool them
+            rows = self._rows(table, idx)
+            return F.embedding_bag(torch.arange(len(values)), rows, offsets, mode="mean")
+        return F.embedding_bag(idx, self._weights[table], offsets, mode="mean")
 
     def _normalise(self, dense: np.ndarray) -> np.ndarray:
         return (dense - self.dense_mean) / self.dense_std
@@ -610,49 +608,104 @@ class DLRMScorer:
             raise ValueError(f"extra features must have shape ({n}, {k}) for {self.config.extra_dense}, got {extra.shape}")
         return extra
 
-    # -- persistence ------------------------------------------------------------------------
-    def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(JSON-able metadata, named arrays): everything needed to rebuild this scorer."""
-        meta = {"kind": "dlrm_ranker", "config": self.config.to_dict(), "features": self.features.meta(),
-                "calibration": list(self.calibration), "sparse_features": list(SPARSE_FEATURES),
-                "dense_features": list(self.config.dense_names)}
-        arrays = {f"feat/{k}": v for k, v in self.features.arrays().items()}
-        arrays.update({f"weights/{k}": v.detach().cpu().numpy() for k, v in self.model.state_dict().items()})
-        arrays["dense_mean"] = self.dense_mean
-        arrays["dense_std"] = self.dense_std
-        return meta, arrays
+    # -- persistence (models.artifacts) ---------------------------------------------------
+    def to_artifact(self, *, metadata: dict[str, Any] | None = None, feature_service_version: str | None = None):
+        """A self-describing :class:`models.artifacts.Artifact` (kind ``dlrm``): typed config,
+        weights, id maps, feature tables, normalisation and calibration; no training code."""
+        from models.artifacts import Artifact
+
+        cfg = DLRMArtifactConfig(**self.config.to_dict(), calibration=list(self.calibration),
+                                 categories=self.features.categories.to_list(),
+                                 sparse_features=list(SPARSE_FEATURES), dense_features=list(self.config.dense_names))
+        arrays = {f"feat_{k}": v for k, v in self.features.arrays().items()}
+        arrays.update(dense_mean=self.dense_mean, dense_std=self.dense_std)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return Artifact(kind="dlrm", config=cfg, state_dict=state, users=self.features.users, items=self.features.items,
+                        arrays=arrays, feature_service_version=feature_service_version, metadata=dict(metadata or {}))
 
     @classmethod
-    def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], *, quantize: bool = False) -> "DLRMScorer":
-        if meta.get("kind") != "dlrm_ranker":
-            raise DataError(f"not a DLRM ranker artifact (kind={meta.get('kind')!r})")
-        config = DLRMConfig.from_dict(meta["config"])
-        feats = RankingFeatures.from_parts(meta["features"], {k[5:]: v for k, v in arrays.items() if k.startswith("feat/")})
-        weights = {k[8:]: v for k, v in arrays.items() if k.startswith("weights/")}
-        return cls(config, feats, weights, dense_mean=arrays["dense_mean"], dense_std=arrays["dense_std"],
-                   calibration=tuple(meta["calibration"]), quantize=quantize)
+    def from_artifact(cls, artifact, *, quantize: bool = False) -> "DLRMScorer":
+        if artifact.kind != "dlrm":
+            raise DataError(f"not a DLRM ranker artifact (kind={artifact.kind!r})")
+        cfg = artifact.typed_config()
+        assert isinstance(cfg, DLRMArtifactConfig)
+        if artifact.users is None or artifact.items is None:
+            raise DataError("DLRM artifact without user/item id maps")
+        arrays = artifact.arrays
+        feats = RankingFeatures.from_parts(
+            {"users": artifact.users.to_list(), "items": artifact.items.to_list(), "categories": cfg.categories},
+            {k[len("feat_"):]: v for k, v in arrays.items() if k.startswith("feat_")})
+        config = DLRMConfig(n_users=cfg.n_users, n_items=cfg.n_items, n_categories=cfg.n_categories,
+                            extra_dense=tuple(cfg.extra_dense), embedding_dim=cfg.embedding_dim,
+                            dense_arch=tuple(cfg.dense_arch), over_arch=tuple(cfg.over_arch), history_len=cfg.history_len)
+        return cls(config, feats, artifact.state_dict, dense_mean=arrays["dense_mean"], dense_std=arrays["dense_std"],
+                   calibration=tuple(cfg.calibration), quantize=quantize)
 
-    def save(self, path) -> None:
-        """A self-contained folder: ``meta.json`` + ``arrays.npz`` (no pickle, no training code)."""
-        from pathlib import Path
+    def save(self, folder, **kw: Any):
+        from models.artifacts import save_artifact
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta, arrays = self.to_parts()
-        (path / "meta.json").write_text(json.dumps(meta))
-        np.savez(path / "arrays.npz", **arrays)
+        return save_artifact(folder, artifact=self.to_artifact(**kw))
 
     @classmethod
-    def load(cls, path, *, quantize: bool = False) -> "DLRMScorer":
-        from pathlib import Path
+    def load(cls, folder_or_uri, *, settings=None, quantize: bool = False) -> "DLRMScorer":
+        """From an artifact folder or ``models:/ranker@champion`` (with ``settings``)."""
+        from models.artifacts import load_artifact
 
-        path = Path(path)
-        if not (path / "meta.json").is_file():
-            raise DataError("no meta.json: not a ranker artifact folder", source=str(path))
-        meta = json.loads((path / "meta.json").read_text())
-        with np.load(path / "arrays.npz") as z:
-            arrays = {k: z[k] for k in z.files}
-        return cls.from_parts(meta, arrays, quantize=quantize)
+        return cls.from_artifact(load_artifact(folder_or_uri, settings=settings), quantize=quantize)
+
+    # -- MLflow pyfunc ------------------------------------------------------------------------
+    def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """``user_id, item_id`` (+ the candidate-source columns) -> ``score`` (calibrated).
+        Unknown users/items are scored through the out-of-vocabulary rows."""
+        missing = [c for c in ("user_id", "item_id", *self.config.extra_dense) if c not in frame.columns]
+        if missing:
+            raise DataError(f"ranker input is missing column(s) {missing}")
+        u = self.features.users.encode(frame["user_id"].astype(str), unknown="minus_one")
+        i = self.features.items.encode(frame["item_id"].astype(str), unknown="minus_one")
+        extra = frame[list(self.config.extra_dense)].to_numpy(dtype=np.float32) if self.config.extra_dense else None
+        return pd.DataFrame({"score": self.score(u, i, extra)})
+
+    def input_example(self, n: int = 3) -> pd.DataFrame:
+        data: dict[str, Any] = {"user_id": list(self.features.users.ids[:n]), "item_id": list(self.features.items.ids[:n])}
+        for c in self.config.extra_dense:
+            data[c] = np.zeros(min(n, self.features.n_users, self.features.n_items), np.float64)
+        k = min(n, self.features.n_users, self.features.n_items)
+        return pd.DataFrame({c: v[:k] for c, v in data.items()})
+
+
+def _artifact_config_cls():
+    from pydantic import BaseModel, ConfigDict
+
+    class DLRMArtifactConfig(BaseModel):
+        """Typed config saved in a ``dlrm`` artifact."""
+
+        model_config = ConfigDict(extra="forbid")
+        n_users: int
+        n_items: int
+        n_categories: int
+        extra_dense: list[str] = []
+        embedding_dim: int = 64
+        dense_arch: list[int] = [128, 64]
+        over_arch: list[int] = [256, 128, 1]
+        history_len: int = 50
+        calibration: list[float] = [1.0, 0.0]
+        categories: list[str] = []
+        sparse_features: list[str] = list(SPARSE_FEATURES)
+        dense_features: list[str] = []
+
+    return DLRMArtifactConfig
+
+
+DLRMArtifactConfig = _artifact_config_cls()
+
+
+def _register() -> None:
+    from models.artifacts import register_kind
+
+    register_kind("dlrm", config_cls=DLRMArtifactConfig, builder=lambda art: DLRMScorer.from_artifact(art))
+
+
+_register()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,682 @@
+"""Two-stage recommendation: the ONE logic package behind offline evaluation and online serving.
+
+retrieve -> merge -> filter -> rank -> post-process, batched over requests, numpy/torch only
+(no per-item Python loops):
+
+1. **Retrieve** up to ``quota`` items per candidate source per request. Sources:
+   :class:`EmbeddingSource` (two-tower ANN: FAISS inner-product index over item embeddings),
+   :class:`CoVisitationSource` (item-to-item co-occurrence from the user's history),
+   :class:`PopularSource`, and :class:`RecommenderSource` (any fitted
+   :class:`models.base.Recommender`, e.g. the two-tower model offline). Sources never return
+   what the user already consumed.
+2. **Merge** per request (union), remembering which source(s) produced each candidate, its rank
+   and score in each (these become the ranker's candidate-source dense features); keep the
+   ``n_candidates`` best by best per-source rank.
+3. **Filter** unavailable items (global mask) and per-request blocked items.
+4. **Rank** every candidate of every request with the DLRM (:class:`models.dlrm.DLRMScorer`) in
+   one batched forward (user-side embeddings once per request).
+5. **Post-process**: at most ``max_category_share`` of the top ``k`` from one (primary)
+   category, filled back in rank order if the catalog is too narrow; top ``k``.
+
+:class:`TwoStageRecommender` wraps the same pipeline as a :class:`models.base.Recommender`
+(``fit`` trains sources on ``train`` and the ranker on held-out ``valid`` interactions;
+``score`` covers the catalog with ``-inf`` for non-candidates) so the evaluator computes the
+same top-K metrics for the whole pipeline; :meth:`TwoStageRecommender.source_recommenders`
+exposes every source alone for the same table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from core.schemas import DataError
+from models.base import IdMap, InteractionData
+
+
+class TwoStageError(DataError):
+    """The two-stage pipeline was configured or called wrongly (the message says how)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
+
+
+def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``n`` columns per row of a dense score block, best first; excluded / ``-inf`` -> item -1."""
+    s = np.array(scores, dtype=np.float32, copy=True)
+    if exclude is not None and exclude.nnz:
+        r, c = exclude.nonzero()
+        s[r, c] = -np.inf
+    n = min(n, s.shape[1])
+    if n <= 0:
+        return np.full((s.shape[0], 0), -1, np.int64), np.zeros((s.shape[0], 0), np.float32)
+    part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
+    ps = np.take_along_axis(s, part, axis=1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    items = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    sc = np.take_along_axis(ps, order, axis=1)
+    items[~np.isfinite(sc)] = -1
+    sc[~np.isfinite(sc)] = 0.0
+    return items, sc.astype(np.float32)
+
+
+def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop excluded items from ranked lists (B, L) and compact each row to its first ``n``."""
+    items = items.copy()
+    if exclude is not None and exclude.nnz:
+        valid = items >= 0
+        rows = np.repeat(np.arange(items.shape[0]), items.shape[1]).reshape(items.shape)
+        hit = np.zeros(items.shape, bool)
+        hit[valid] = np.asarray(exclude[rows[valid], items[valid]]).ravel() > 0
+        items[hit] = -1
+    keep = items >= 0
+    # stable compaction: sort each row by (dropped, position)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :n]
+    out_i = np.take_along_axis(items, order, axis=1)
+    out_s = np.take_along_axis(scores, order, axis=1)
+    out_s[out_i < 0] = 0.0
+    if out_i.shape[1] < n:
+        pad = n - out_i.shape[1]
+        out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+        out_s = np.pad(out_s, ((0, 0), (0, pad)))
+    return out_i, out_s.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# candidate sources
+# ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class CandidateSource(Protocol):
+    """Returns up to ``n`` ranked items per request (``-1`` = none), never one in ``exclude``."""
+
+    name: str
+
+    def retrieve(self, user_idx: np.ndarray, history: sp.csr_matrix, n: int, *,
+                 exclude: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PopularSource:
+    """Most-interacted items (distinct users) in the history it was fitted on; the cold-start fallback."""
+
+    name = "popular"
+
+    def __init__(self) -> None:
+        self.counts: np.ndarray | None = None
+        self.order: np.ndarray | None = None
+
+    def fit(self, history: InteractionData) -> "PopularSource":
+        if len(history) == 0:
+            raise TwoStageError("popular source: empty history")
+        self.counts = np.asarray(history.csr().sum(axis=0)).ravel().astype(np.float32)
+        self.order = np.argsort(-self.counts, kind="stable")
+        return self
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> "PopularSource":
+        src = cls()
+        src.counts = np.asarray(counts, dtype=np.float32)
+        src.order = np.argsort(-src.counts, kind="stable")
+        return src
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        assert self.order is not None and self.counts is not None, "fit() first"
+        b = len(user_idx)
+        depth = min(len(self.order), n + (int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0))
+        items = np.tile(self.order[:depth], (b, 1))
+        scores = np.tile(np.log1p(self.counts[self.order[:depth]]), (b, 1))
+        return _filter_ranked(items, scores, exclude, n)
+
+
+class CoVisitationSource:
+    """Item-to-item co-occurrence: items often consumed by the same users as the user's history.
+
+    Similarity ``c_ij / (n_i^a * n_j^(1-a))`` (asymmetric cosine; ``a=0.5`` is cosine), pruned to
+    each item's ``neighbours`` strongest, so a request costs a sparse (history x neighbours) sum."""
+
+    name = "covisit"
+
+    def __init__(self, *, neighbours: int = 200, alpha: float = 0.5, shrink: float = 10.0) -> None:
+        self.neighbours, self.alpha, self.shrink = neighbours, alpha, shrink
+        self.sim: sp.csr_matrix | None = None
+
+    def fit(self, history: InteractionData) -> "CoVisitationSource":
+        if len(history) == 0:
+            raise TwoStageError("covisit source: empty history")
+        x = history.csr()
+        co = (x.T @ x).tocsr().astype(np.float32)
+        co.setdiag(0)
+        co.eliminate_zeros()
+        n = np.asarray(x.sum(axis=0)).ravel().astype(np.float32) + 1e-6
+        co = co.tocoo()
+        val = co.data / (np.power(n[co.row], self.alpha) * np.power(n[co.col], 1 - self.alpha) + self.shrink)
+        sim = sp.csr_matrix((val.astype(np.float32), (co.row, co.col)), shape=co.shape)
+        self.sim = _prune_rows(sim, self.neighbours)
+        return self
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        assert self.sim is not None, "fit() first"
+        scores = (history @ self.sim).toarray()
+        scores[scores <= 0] = -np.inf
+        return _top_n_dense(scores, n, exclude)
+
+
+def _prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep each row's ``k`` largest entries (vectorised: sort by (row, -value))."""
+    m = m.tocsr()
+    m.sort_indices()
+    row = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    order = np.lexsort((-m.data, row))
+    rank = np.arange(len(order)) - np.repeat(m.indptr[:-1], np.diff(m.indptr))
+    keep = order[rank < k]
+    return sp.csr_matrix((m.data[keep], (row[keep], m.indices[keep])), shape=m.shape)
+
+
+class EmbeddingSource:
+    """ANN retrieval over item embeddings (the two-tower's): FAISS inner product, exact for small
+    catalogs, HNSW above ``hnsw_above`` items. ``user_vectors(user_idx, history)`` gives the query
+    vectors (a table lookup offline, the user tower online)."""
+
+    def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray | Callable[[np.ndarray, sp.csr_matrix], np.ndarray],
+                 *, name: str = "two_tower", hnsw_above: int = 200_000, ef_search: int = 256) -> None:
+        import faiss
+
+        self.name = name
+        self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+        self._user = user_vectors
+        d = self.item_vectors.shape[1]
+        if len(self.item_vectors) > hnsw_above:
+            index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = ef_search
+        else:
+            index = faiss.IndexFlatIP(d)
+        index.add(self.item_vectors)
+        self.index = index
+
+    def query_vectors(self, user_idx: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        if callable(self._user):
+            return np.ascontiguousarray(self._user(user_idx, history), dtype=np.float32)
+        return np.ascontiguousarray(self._user[user_idx], dtype=np.float32)
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        q = self.query_vectors(np.asarray(user_idx), history)
+        extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
+        depth = min(self.index.ntotal, n + extra)
+        scores, items = self.index.search(q, depth)
+        return _filter_ranked(items.astype(np.int64), scores.astype(np.float32), exclude, n)
+
+
+class RecommenderSource:
+    """Any fitted :class:`models.base.Recommender` (scores over the catalog) as a source."""
+
+    def __init__(self, model: Any, *, name: str | None = None) -> None:
+        self.model = model
+        self.name = name or getattr(model, "name", type(model).__name__)
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        scores = np.asarray(self.model.score(np.asarray(user_idx)), dtype=np.float32)
+        return _top_n_dense(scores, n, exclude)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Candidates:
+    """Merged candidates of a batch of requests, one row per (request, item)."""
+
+    request: np.ndarray  # (M,) request position in the batch, sorted
+    item: np.ndarray  # (M,)
+    features: np.ndarray  # (M, 2 * n_sources + 1) ranker dense features
+    source_mask: np.ndarray  # (M,) bit s set if source s produced the item
+    feature_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+@dataclass
+class Recommendations:
+    """Top-k per request, in index space (``-1`` pads rows with fewer than k items)."""
+
+    items: np.ndarray  # (B, k)
+    scores: np.ndarray  # (B, k) calibrated engagement probabilities
+    source_mask: np.ndarray  # (B, k)
+    source_names: tuple[str, ...]
+
+    def sources_of(self, row: int, col: int) -> list[str]:
+        m = int(self.source_mask[row, col])
+        return [n for s, n in enumerate(self.source_names) if m >> s & 1]
+
+    def to_frames(self, items: IdMap, users: Sequence[str] | None = None) -> list[pd.DataFrame]:
+        """One frame per request: ``item_id, score, sources`` (external ids)."""
+        out = []
+        for r in range(self.items.shape[0]):
+            ok = self.items[r] >= 0
+            out.append(pd.DataFrame({
+                "item_id": items.decode(self.items[r][ok]),
+                "score": self.scores[r][ok],
+                "sources": [self.sources_of(r, c) for c in np.flatnonzero(ok)],
+            }))
+        return out
+
+
+def source_feature_names(names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f for n in names for f in (f"src_{n}_score", f"src_{n}_rank")) + ("src_count",)
+
+
+@dataclass
+class TwoStagePipeline:
+    """Sources + ranker + item metadata: everything a request needs, already fitted.
+
+    ``history`` is the consumed-items matrix in the ranker's index space (users x items);
+    serving passes fresh rows per request instead (``history=`` on :meth:`recommend`)."""
+
+    sources: list[Any]
+    ranker: Any  # models.dlrm.DLRMScorer
+    quotas: dict[str, int]
+    n_candidates: int = 500
+    history: sp.csr_matrix | None = None
+    available: np.ndarray | None = None  # (n_items,) bool
+    max_category_share: float | None = None
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise TwoStageError(f"candidate source names must be unique, got {names}")
+        if not self.sources:
+            raise TwoStageError("a two-stage pipeline needs at least one candidate source")
+        if len(names) > 30:
+            raise TwoStageError("at most 30 candidate sources (source bitmask)")
+        missing = [n for n in names if n not in self.quotas]
+        if missing:
+            raise TwoStageError(f"no quota for candidate source(s) {missing}; quotas: {self.quotas}")
+        self.feature_names = source_feature_names(names)
+        if tuple(self.ranker.config.extra_dense) != self.feature_names:
+            raise TwoStageError(f"the ranker was trained on features {self.ranker.config.extra_dense}, "
+                                f"these sources produce {self.feature_names}")
+
+    @property
+    def n_items(self) -> int:
+        return self.ranker.features.n_items
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
+
+    # -- stages -----------------------------------------------------------------------------
+    def _history_rows(self, user_idx: np.ndarray, history: sp.csr_matrix | None) -> sp.csr_matrix:
+        if history is not None:
+            h = sp.csr_matrix(history)
+            if h.shape != (len(user_idx), self.n_items):
+                raise TwoStageError(f"history must be (n_requests, n_items) = {(len(user_idx), self.n_items)}, got {h.shape}")
+            return h
+        if self.history is None:
+            return sp.csr_matrix((len(user_idx), self.n_items), dtype=np.float32)
+        known = user_idx >= 0
+        h = _rows_csr(self.history, np.where(known, user_idx, 0)).tolil() if not known.all() else None
+        if h is None:
+            return _rows_csr(self.history, user_idx)
+        for r in np.flatnonzero(~known):  # unknown users have no history (rows only, not items)
+            h.rows[r], h.data[r] = [], []
+        return h.tocsr()
+
+    def retrieve(self, user_idx: np.ndarray, history: sp.csr_matrix, *, exclude: sp.csr_matrix | None = None) -> Candidates:
+        """Merged, de-duplicated candidates with per-source rank/score features."""
+        b = len(user_idx)
+        names = self.source_names
+        n_s = len(names)
+        keys, src, rank_frac, score, = [], [], [], []
+        for s, source in enumerate(self.sources):
+            q = int(self.quotas[source.name])
+            if q <= 0:
+                continue
+            items, scores = source.retrieve(user_idx, history, q, exclude=exclude)
+            ok = items >= 0
+            rows = np.repeat(np.arange(b), items.shape[1]).reshape(items.shape)
+            pos = np.tile(np.arange(items.shape[1]), (b, 1))
+            keys.append(rows[ok] * self.n_items + items[ok])
+            src.append(np.full(int(ok.sum()), s, np.int64))
+            rank_frac.append((1.0 - pos[ok] / max(q, 1)).astype(np.float32))
+            score.append(scores[ok])
+        if not keys:
+            raise TwoStageError("every candidate source has quota 0")
+        keys_a = np.concatenate(keys)
+        src_a = np.concatenate(src)
+        uniq, inv = np.unique(keys_a, return_inverse=True)
+        m = len(uniq)
+        feats = np.zeros((m, 2 * n_s + 1), np.float32)
+        best = np.zeros(m, np.float32)
+        mask = np.zeros(m, np.int64)
+        rf = np.concatenate(rank_frac)
+        sc = np.concatenate(score)
+        feats[inv, 2 * src_a] = sc
+        feats[inv, 2 * src_a + 1] = rf
+        np.maximum.at(best, inv, rf)
+        np.bitwise_or.at(mask, inv, np.left_shift(1, src_a))
+        feats[:, -1] = np.array([bin(x).count("1") for x in range(1 << n_s)], np.float32)[mask] if n_s <= 12 else \
+            np.unpackbits(mask.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1).sum(1)
+        request = uniq // self.n_items
+        item = uniq % self.n_items
+        # keep the n_candidates best per request (by best per-source rank)
+        order = np.lexsort((-best, request))
+        request, item, feats, mask = request[order], item[order], feats[order], mask[order]
+        counts = np.bincount(request, minlength=b)
+        pos = np.arange(len(request)) - np.repeat(np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+        keep = pos < self.n_candidates
+        return Candidates(request[keep], item[keep], feats[keep], mask[keep], self.feature_names)
+
+    def filter(self, cands: Candidates, *, blocked: Sequence[Sequence[int]] | None = None) -> Candidates:
+        """Drop unavailable items and each request's blocked items."""
+        keep = np.ones(len(cands), bool)
+        if self.available is not None:
+            keep &= self.available[cands.item]
+        if blocked:
+            rows = np.repeat(np.arange(len(blocked)), [len(x) for x in blocked])
+            cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in blocked]) if len(rows) else np.empty(0, np.int64)
+            if len(rows):
+                bkeys = rows * self.n_items + cols
+                keep &= ~np.isin(cands.request * self.n_items + cands.item, bkeys)
+        return Candidates(cands.request[keep], cands.item[keep], cands.features[keep], cands.source_mask[keep],
+                          cands.feature_names)
+
+    def rank(self, user_idx: np.ndarray, cands: Candidates) -> np.ndarray:
+        """Calibrated scores of every candidate, one batched DLRM forward."""
+        if len(cands) == 0:
+            return np.empty(0, np.float32)
+        return self.ranker.score(user_idx[cands.request], cands.item, cands.features,
+                                 request_of_row=cands.request, request_users=user_idx)
+
+    def post_process(self, n_requests: int, cands: Candidates, scores: np.ndarray, k: int,
+                     max_category_share: float | None) -> Recommendations:
+        """Top ``k`` per request with at most ``ceil(share * k)`` items per primary category.
+
+        Greedy "take the next-best item unless its category is full" equals "keep items whose
+        rank inside their category is below the cap", which vectorises; skipped items refill
+        the list (in rank order) when the catalog is too narrow to satisfy the cap."""
+        req = cands.request
+        order = np.lexsort((-scores, req))
+        req_o, item_o, sc_o, mask_o = req[order], cands.item[order], scores[order], cands.source_mask[order]
+        counts = np.bincount(req_o, minlength=n_requests)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        pos = np.arange(len(req_o)) - np.repeat(starts, counts)
+        if max_category_share is not None and max_category_share < 1.0 and len(item_o):
+            cap = max(1, int(np.ceil(max_category_share * k)))
+            cat = self.ranker.features.primary_category[item_o]
+            # rank within (request, category), preserving score order; items without a category are not capped
+            o2 = np.lexsort((pos, cat, req_o))
+            grp = np.r_[True, (req_o[o2][1:] != req_o[o2][:-1]) | (cat[o2][1:] != cat[o2][:-1])]
+            gstart = np.maximum.accumulate(np.where(grp, np.arange(len(o2)), 0))
+            within = np.empty(len(o2), np.int64)
+            within[o2] = np.arange(len(o2)) - gstart
+            over = (within >= cap) & (cat >= 0)
+            o3 = np.lexsort((pos, over, req_o))
+            req_o, item_o, sc_o, mask_o = req_o[o3], item_o[o3], sc_o[o3], mask_o[o3]
+            pos = np.arange(len(req_o)) - np.repeat(starts, counts)
+        keep = pos < k
+        items = np.full((n_requests, k), -1, np.int64)
+        out_s = np.zeros((n_requests, k), np.float32)
+        out_m = np.zeros((n_requests, k), np.int64)
+        items[req_o[keep], pos[keep]] = item_o[keep]
+        out_s[req_o[keep], pos[keep]] = sc_o[keep]
+        out_m[req_o[keep], pos[keep]] = mask_o[keep]
+        return Recommendations(items, out_s, out_m, self.source_names)
+
+    # -- entry points -----------------------------------------------------------------------
+    def recommend(self, user_idx: np.ndarray | Sequence[int], *, k: int = 20, history: sp.csr_matrix | None = None,
+                  blocked: Sequence[Sequence[int]] | None = None, max_category_share: float | None | str = "default",
+                  ) -> Recommendations:
+        """Recommendations for a batch of requests (one user index each; ``-1`` = unknown user,
+        served from the history given, or popular items). Batch concurrent requests for speed."""
+        users = np.asarray(user_idx, dtype=np.int64).ravel()
+        if k < 1:
+            raise TwoStageError(f"k must be >= 1, got {k}")
+        n_u = self.ranker.features.n_users
+        if len(users) and (users.min() < -1 or users.max() >= n_u):
+            raise TwoStageError(f"user index out of range [-1, {n_u}): {users[(users < -1) | (users >= n_u)][0]}")
+        if blocked is not None and len(blocked) != len(users):
+            raise TwoStageError(f"blocked must have one list per request ({len(users)}), got {len(blocked)}")
+        hist = self._history_rows(users, history)
+        cands = self.filter(self.retrieve(users, hist, exclude=hist), blocked=blocked)
+        scores = self.rank(users, cands)
+        share = self.max_category_share if max_category_share == "default" else max_category_share
+        return self.post_process(len(users), cands, scores, k, share)  # type: ignore[arg-type]
+
+    def recommend_ids(self, user_ids: Sequence[str], *, k: int = 20, **kw: Any) -> list[pd.DataFrame]:
+        """External ids in and out; unknown users get ``-1`` (cold start)."""
+        feats = self.ranker.features
+        idx = feats.users.encode(user_ids, unknown="minus_one")
+        return self.recommend(idx, k=k, **kw).to_frames(feats.items)
+
+
+# ---------------------------------------------------------------------------------------------
+# training data for the ranker
+# ---------------------------------------------------------------------------------------------
+def candidate_examples(
+    *,
+    sources: Sequence[Any],
+    quotas: dict[str, int],
+    n_candidates: int,
+    history: sp.csr_matrix,
+    labels: InteractionData,
+    n_items: int,
+    positive_min_rating: float | None = None,
+    negatives_per_user: int = 100,
+    seed: int = 0,
+    batch_users: int = 512,
+):
+    """Ranking examples from retrieval: for each user with held-out ``labels``, retrieve with the
+    ``history`` matrix; a candidate that is a held-out positive is labelled 1, a held-out
+    interaction below ``positive_min_rating`` 0, and about ``negatives_per_user`` other candidates
+    per user are sampled uniformly as negatives.
+    Returns :class:`models.dlrm.RankingExamples` and the candidate recall (share of held-out
+    positives retrieved)."""
+    from models.dlrm import RankingExamples
+
+    rng = np.random.default_rng(seed)
+    names = [s.name for s in sources]
+    stub = _RetrieverOnly(list(sources), quotas, n_candidates, n_items)
+    lab = labels.csr(binary=False)
+    pos_mask = labels.values >= positive_min_rating if positive_min_rating is not None else np.ones(len(labels), bool)
+    pos_m = sp.csr_matrix((np.where(pos_mask, 1.0, -1.0), (labels.user_idx, labels.item_idx)), shape=lab.shape)
+    pos_m.sum_duplicates()
+    users = np.unique(labels.user_idx)
+    out_u, out_i, out_y, out_f = [], [], [], []
+    n_pos_total, n_pos_found = int((pos_m.data > 0).sum()), 0
+    for s in range(0, len(users), batch_users):
+        ub = users[s:s + batch_users]
+        hist = _rows_csr(history, ub)
+        c = stub.retrieve(ub, hist, exclude=hist)
+        lab_rows = _rows_csr(pos_m, ub)
+        y = np.asarray(lab_rows[c.request, c.item]).ravel()
+        is_pos, is_neg_explicit = y > 0, y < 0
+        n_pos_found += int(is_pos.sum())
+        # Negatives: a uniform sample of the other candidates at the same rate for every rank, so
+        # the sample does not distort how source ranks relate to engagement (a "hard negatives
+        # from the top" scheme would teach the ranker that a top source rank means negative).
+        other = ~is_pos & ~is_neg_explicit
+        denom = np.maximum(np.bincount(c.request[other], minlength=len(ub)), 1)
+        p = np.minimum(1.0, negatives_per_user / denom[c.request])
+        take = other & (rng.random(len(c)) < p)
+        sel = is_pos | is_neg_explicit | take
+        # users without any retrieved positive add nothing but noise
+        has_pos = np.bincount(c.request[is_pos], minlength=len(ub)) > 0
+        sel &= has_pos[c.request]
+        out_u.append(ub[c.request[sel]])
+        out_i.append(c.item[sel])
+        out_y.append(is_pos[sel].astype(np.float32))
+        out_f.append(c.features[sel])
+    feature_names = source_feature_names(names)
+    ex = RankingExamples(np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_y),
+                         np.concatenate(out_f) if out_f else np.zeros((0, len(feature_names)), np.float32), feature_names)
+    return ex, n_pos_found / max(n_pos_total, 1)
+
+
+class _RetrieverOnly(TwoStagePipeline):
+    """Retrieval and merge without a ranker (used to build the ranker's own training data)."""
+
+    def __init__(self, sources: list[Any], quotas: dict[str, int], n_candidates: int, n_items: int) -> None:
+        self.sources, self.quotas, self.n_candidates = sources, quotas, n_candidates
+        self._n_items = n_items
+        self.feature_names = source_feature_names([s.name for s in sources])
+        self.available, self.history, self.max_category_share = None, None, None
+
+    @property
+    def n_items(self) -> int:  # type: ignore[override]
+        return self._n_items
+
+
+# ---------------------------------------------------------------------------------------------
+# the Recommender wrapper (offline evaluation)
+# ---------------------------------------------------------------------------------------------
+DEFAULT_QUOTAS = {"two_tower": 300, "covisit": 300, "popular": 100}
+
+
+@dataclass
+class TwoStageRecommender:
+    """The whole pipeline as a :class:`models.base.Recommender`.
+
+    ``fit(train, valid)``: candidate sources on ``train``; the ranker on ``valid`` (labels) with
+    features from ``train`` (so nothing the ranker learns from is in its inputs); without
+    ``valid``, a random ``label_share`` of each user's training interactions is held out as labels.
+    ``source_factories`` build the sources (default: co-visitation + popular, plus
+    ``extra_sources``, e.g. a fitted two-tower wrapped in :class:`RecommenderSource`)."""
+
+    name: str = "two_stage"
+    n_candidates: int = 500
+    quotas: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    extra_sources: list[Any] = field(default_factory=list)
+    source_factories: list[Callable[[InteractionData], Any]] | None = None
+    items_frame: pd.DataFrame | None = None
+    positive_min_rating: float | None = None
+    label_share: float = 0.125
+    negatives_per_user: int = 100
+    ranker_valid_share: float = 0.1
+    max_category_share: float | None = None
+    seed: int = 0
+    dlrm_params: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        self.pipeline: TwoStagePipeline | None = None
+        self._also_consumed: sp.csr_matrix | None = None
+        self.report: dict[str, Any] = {}
+
+    def _default_sources(self, history: InteractionData) -> list[Any]:
+        if self.source_factories is not None:
+            return [f(history) for f in self.source_factories]
+        return [CoVisitationSource().fit(history), PopularSource().fit(history)]
+
+    def fit(self, train: InteractionData, *, valid: InteractionData | None = None) -> "TwoStageRecommender":
+        from models.dlrm import RankingFeatures, train_dlrm
+
+        if len(train) == 0:
+            raise TwoStageError("two_stage: empty training set")
+        if len(np.unique(train.user_idx)) < 2:
+            raise TwoStageError("two_stage: the training set has a single user; the ranker needs several")
+        if valid is None or len(valid) == 0:
+            rng = np.random.default_rng(self.seed)
+            held = rng.random(len(train)) < self.label_share
+            history = _subset(train, ~held)
+            labels = _subset(train, held)
+        else:
+            if valid.users != train.users or valid.items != train.items:
+                raise TwoStageError("two_stage: valid must share train's user and item id maps")
+            history, labels = train, valid
+        if len(labels) == 0 or len(history) == 0:
+            raise TwoStageError("two_stage: not enough interactions to hold out ranker labels")
+        sources = self._default_sources(history) + list(self.extra_sources)
+        quotas = {s.name: int(self.quotas.get(s.name, self.n_candidates)) for s in sources}
+        hist_m = history.csr()
+        ex, cand_recall = candidate_examples(sources=sources, quotas=quotas, n_candidates=self.n_candidates,
+                                             history=hist_m, labels=labels, n_items=train.n_items,
+                                             positive_min_rating=self.positive_min_rating,
+                                             negatives_per_user=self.negatives_per_user,
+                                             seed=self.seed)
+        if len(ex) == 0:
+            raise TwoStageError("two_stage: retrieval found none of the held-out positives; nothing to train the ranker on")
+        rng = np.random.default_rng(self.seed + 7)
+        users = np.unique(ex.user_idx)
+        val_users = rng.random(len(users)) < self.ranker_valid_share
+        is_val = np.isin(ex.user_idx, users[val_users])
+        feats = RankingFeatures.build(history, items_frame=self.items_frame, seed=self.seed)
+        res = train_dlrm(feats, ex.subset(np.flatnonzero(~is_val)), ex.subset(np.flatnonzero(is_val)),
+                         seed=self.seed, progress=self.progress, **self.dlrm_params)
+        # Sources and ranker features read `history`; validation items are excluded from the lists
+        # (already consumed) but not used as inputs, like the baselines, which also fit on train only.
+        self._also_consumed = None if valid is None else labels.csr()
+        self.pipeline = TwoStagePipeline(sources, res.scorer, quotas, self.n_candidates, history=hist_m,
+                                         max_category_share=self.max_category_share)
+        self.train_result = res
+        self.report = {"candidate_recall": cand_recall, "ranker_examples": len(ex),
+                       "ranker_positive_rate": float(ex.labels.mean()), **res.metrics,
+                       "best_epoch": res.best_epoch, "ranker_train_s": res.train_s}
+        return self
+
+    def score(self, user_idx: np.ndarray, *, k: int = 100, chunk: int = 512) -> np.ndarray:
+        """``(len(user_idx), n_items)``: the final top ``k`` (after post-processing) get scores above
+        every other candidate in list order; other candidates keep their ranker score (so deeper
+        cut-offs still see the ranker's order); non-candidates are ``-inf``."""
+        if self.pipeline is None:
+            raise TwoStageError("two_stage: score() before fit()")
+        users = np.asarray(user_idx, dtype=np.int64).ravel()
+        out = np.full((len(users), self.pipeline.n_items), -np.inf, dtype=np.float32)
+        p = self.pipeline
+        for s in range(0, len(users), chunk):
+            ub = users[s:s + chunk]
+            hist = p._history_rows(ub, None)
+            excl = hist if self._also_consumed is None else (hist + _rows_csr(self._also_consumed, ub)).tocsr()
+            cands = p.filter(p.retrieve(ub, hist, exclude=excl))
+            sc = p.rank(ub, cands)
+            out[s + cands.request, cands.item] = sc
+            if p.max_category_share is not None:
+                recs = p.post_process(len(ub), cands, sc, k, p.max_category_share)
+                rows, cols = np.nonzero(recs.items >= 0)
+                out[s + rows, recs.items[rows, cols]] = 2.0 + (k - cols) / k
+        return out
+
+    def source_recommenders(self) -> list["SourceRecommender"]:
+        """Each fitted candidate source alone, as a Recommender (for the evaluator's table)."""
+        if self.pipeline is None:
+            raise TwoStageError("two_stage: source_recommenders() before fit()")
+        excl = self.pipeline.history if self._also_consumed is None else (self.pipeline.history + self._also_consumed).tocsr()
+        return [SourceRecommender(s, self.pipeline.history, self.pipeline.n_items, exclude=excl) for s in self.pipeline.sources]
+
+
+@dataclass
+class SourceRecommender:
+    """One candidate source as a Recommender: its top ``depth`` items scored by rank, rest ``-inf``."""
+
+    source: Any
+    history: sp.csr_matrix
+    n_items: int
+    depth: int = 100
+    exclude: sp.csr_matrix | None = None
+
+    @property
+    def name(self) -> str:
+        return f"source_{self.source.name}"
+
+    def fit(self, train: InteractionData, *, valid: InteractionData | None = None) -> "SourceRecommender":
+        return self  # fitted as part of the two-stage pipeline
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
+        users = np.asarray(user_idx, dtype=np.int64).ravel()
+        hist = _rows_csr(self.history, users)
+        excl = hist if self.exclude is None else _rows_csr(self.exclude, users)
+        items, _ = self.source.retrieve(users, hist, self.depth, exclude=excl)
+        out = np.full((len(users), self.n_items), -np.inf, dtype=np.float32)
+        rows, cols = np.nonzero(items >= 0)
+        out[rows, items[rows, cols]] = (self.depth - cols).astype(np.float32)
+        return out
+
+
+def _subset(d: InteractionData, mask: np.ndarray) -> InteractionData:
+    return InteractionData(d.users, d.items, d.user_idx[mask], d.item_idx[mask], d.values[mask],
+                           None if d.timestamps is None else d.timestamps[mask])
