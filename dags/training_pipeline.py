@@ -52,6 +52,7 @@ def _settings():
         "day": Param(None, type=["null", "string"], description="Logical day YYYY-MM-DD (default: data interval start, or the newest data)"),
         "retrain": Param(True, type="boolean", description="False: stop after features (data backfills)"),
         "source": Param(None, type=["null", "string"], description="Override orchestration.training_source"),
+        "epochs": Param(None, type=["null", "integer"], description="Override training epochs (quick runs)"),
     },
     doc_md=__doc__,
 )

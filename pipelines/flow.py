@@ -73,6 +73,7 @@ def plan_run(
         "eval_days": eval_days,
         "window_days": window,
         "run_type": run_type or "manual",
+        "epochs": int(conf["epochs"]) if conf.get("epochs") else None,
     }
     return _with_windows(plan) if day else plan
 
@@ -142,3 +143,177 @@ def eval_set_step(*, settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
 
     es = freeze_eval_set(settings, cutoff=date.fromisoformat(plan["eval_start"]), end=date.fromisoformat(plan["day"]))
     return {"version": es.version, "sha256": es.sha256, "cutoff": es.cutoff, "end": es.end, "users": es.n_users}
+
+
+# ---- training, evaluation, registration, promotion ----------------------------------------------
+def lake_dataset(settings: Settings, *, start: date, end: date, name: str = "lake"):
+    """The lake's events in ``[start, end]`` with the catalog and profiles, as a ``Dataset``."""
+    from core.lake import Lake
+    from core.schemas import DataError, Dataset
+
+    lake = Lake(settings.paths.lake_dir)
+    events = lake.read_events(start=start, end=end)
+    if events.empty:
+        raise DataError(f"no events in the lake between {start} and {end}: nothing to train on")
+    return Dataset(name=f"{name}:{start}..{end}", events=events, items=lake.read_table("items"),
+                   users=lake.read_table("users"))
+
+
+def _finished_run(settings: Settings, step: str, plan: dict[str, Any], eval_set: dict[str, Any]) -> str | None:
+    """The run id of a finished earlier run of this step for the same day and evaluation set."""
+    import mlflow
+
+    from core.tracking import configure_mlflow
+
+    exp_id = configure_mlflow(settings)
+    runs = mlflow.MlflowClient().search_runs(
+        [exp_id],
+        filter_string=(f"tags.`{TAG_STEP}` = '{step}' and tags.`{TAG_DAY}` = '{plan['day']}' "
+                       f"and tags.`{TAG_EVAL}` = '{eval_set['version']}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _mark_run(settings: Settings, run_id: str, step: str, plan: dict[str, Any], eval_set: dict[str, Any]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in {TAG_STEP: step, TAG_DAY: plan["day"], TAG_EVAL: eval_set["version"],
+                       "data_window_start": plan["train_start"], "data_window_end": plan["train_end"]}.items():
+        client.set_tag(run_id, key, value)
+
+
+def _training_overrides(plan: dict[str, Any]) -> dict[str, Any]:
+    """Per-run hyper-parameter overrides from the trigger's conf (``epochs``; tests use tiny runs)."""
+    return {k: plan[k] for k in ("epochs",) if plan.get(k) is not None}
+
+
+def train_retrieval_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[str, Any]) -> dict[str, Any]:
+    """Train the two-tower model on the plan's training window (or reuse this day's finished run)."""
+    step = "train_two_tower"
+    run_id = _finished_run(settings, step, plan, eval_set)
+    if run_id:
+        return {"model": settings.registry.retrieval_model, "run_id": run_id, "model_uri": f"runs:/{run_id}/model",
+                "reused": True}
+    from pipelines.train import train_two_tower
+
+    ds = lake_dataset(settings, start=date.fromisoformat(plan["train_start"]), end=date.fromisoformat(plan["train_end"]))
+    res = train_two_tower(settings=settings, source=ds.name, dataset=ds, protocol="temporal", register=False,
+                          progress=False, run_name=f"two_tower-{plan['day']}", **_training_overrides(plan))
+    _mark_run(settings, res.run_id, step, plan, eval_set)
+    return {"model": settings.registry.retrieval_model, "run_id": res.run_id, "model_uri": res.model_uri,
+            "reused": False, "test_metrics": {k: v for k, v in res.test_metrics.items() if k.endswith("@10")}}
+
+
+def train_ranking_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[str, Any],
+                       retrieval: dict[str, Any]) -> dict[str, Any]:
+    """Train the DLRM ranker on the plan's training window (or reuse this day's finished run)."""
+    step = "train_ranker"
+    run_id = _finished_run(settings, step, plan, eval_set)
+    if run_id:
+        return {"model": settings.registry.ranking_model, "run_id": run_id, "model_uri": f"runs:/{run_id}/model",
+                "reused": True}
+    try:
+        from pipelines.train_ranker import train_ranker
+    except ImportError as exc:
+        raise FlowError(f"pipelines.train_ranker.train_ranker is not available yet ({exc})") from None
+    ds = lake_dataset(settings, start=date.fromisoformat(plan["train_start"]), end=date.fromisoformat(plan["train_end"]))
+    res = train_ranker(settings=settings, source=ds.name, dataset=ds, protocol="temporal", register=False,
+                       progress=False, run_name=f"ranker-{plan['day']}", **_training_overrides(plan))
+    _mark_run(settings, res.run_id, step, plan, eval_set)
+    return {"model": settings.registry.ranking_model, "run_id": res.run_id, "model_uri": res.model_uri,
+            "reused": False, "retrieval_run_id": retrieval["run_id"]}
+
+
+def evaluate_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[str, Any],
+                  trained: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measure every trained model on the frozen evaluation set (the gate's own metrics) and log
+    them to its training run as ``gate_<metric>`` with the set's version, so ``models list`` and
+    the MLflow UI show numbers comparable across days. A ranker is measured behind the
+    retrieval model trained with it."""
+    import mlflow
+
+    from core.tracking import configure_mlflow, metric_key
+    from models.artifacts import load_from_registry
+    from pipelines import promote as P
+
+    configure_mlflow(settings)
+    es = P.load_eval_set(settings, eval_set["version"])
+    space = P._space(es)
+    client = mlflow.MlflowClient()
+    out: dict[str, Any] = {"eval_set": es.version, "models": []}
+    arts: dict[str, Any] = {}
+    for t in trained:
+        art = load_from_registry(f"runs:/{t['run_id']}/model", settings)
+        arts[t["run_id"]] = art
+        if t["model"] == settings.registry.ranking_model:
+            retrieval_art = arts.get(t.get("retrieval_run_id", ""))
+            model = P.two_stage_view(art, settings, retrieval_art=retrieval_art)
+        else:
+            model = P.recommender_view(art, settings)
+        metrics = P.measure(model, *P._id_maps(model, art), es, settings, space=space)
+        for key, value in metrics.items():
+            client.log_metric(t["run_id"], f"gate_{metric_key(key)}", value)
+        client.set_tag(t["run_id"], "gate_eval_set_sha256", es.sha256)
+        out["models"].append({**t, "metrics": {k: metrics[k] for k in P._headline_keys(metrics)}})
+    return out
+
+
+def register_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[str, Any],
+                  evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Register each evaluated run as a new version (once: a version of the same run is reused)
+    with the data window, evaluation set, logical day and git commit as version tags."""
+    import mlflow
+
+    from core.tracking import configure_mlflow, git_commit
+    from pipelines import promote as P
+
+    configure_mlflow(settings)
+    client = mlflow.MlflowClient()
+    out = []
+    for m in evaluated["models"]:
+        name = m["model"]
+        existing = client.search_model_versions(f"name='{name}' and run_id='{m['run_id']}'") \
+            if _registered(client, name) else []
+        if existing:
+            version = str(max(int(v.version) for v in existing))
+        else:
+            tags = {P.TAG_WINDOW_START: plan["train_start"], P.TAG_WINDOW_END: plan["train_end"],
+                    P.TAG_EVAL_SET: eval_set["version"], TAG_DAY: plan["day"],
+                    P.TAG_GIT: git_commit(settings.paths.root) or "unknown"}
+            mv = mlflow.register_model(f"runs:/{m['run_id']}/model", name, tags=tags)
+            version = str(mv.version)
+        out.append({"model": name, "version": version, "run_id": m["run_id"], "reused": bool(existing)})
+    return {"day": plan["day"], "eval_set": eval_set["version"], "versions": out}
+
+
+def _registered(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def promote_step(*, settings: Settings, registered: dict[str, Any]) -> dict[str, Any]:
+    """Put each registered version through the gate (retrieval first: the ranker is judged
+    behind the retrieval champion). A refusal is an outcome, not a failure: the champion stays."""
+    from pipelines.promote import PromotionError, PromotionRefused, promote
+
+    order = {settings.registry.retrieval_model: 0, settings.registry.ranking_model: 1}
+    out = []
+    for v in sorted(registered["versions"], key=lambda x: order.get(x["model"], 2)):
+        try:
+            d = promote(v["model"], v["version"], settings=settings, eval_set=registered["eval_set"])
+            out.append({"model": v["model"], "version": v["version"], "outcome": d.outcome, "reason": d.reason})
+        except PromotionRefused as exc:
+            out.append({"model": v["model"], "version": v["version"], "outcome": "refused", "reason": str(exc),
+                        "failed": [c.name for c in exc.decision.failed()]})
+        except PromotionError as exc:
+            if "already the" not in str(exc):  # a re-run after a successful promotion
+                raise
+            out.append({"model": v["model"], "version": v["version"], "outcome": "unchanged", "reason": str(exc)})
+    log.info("promotion outcomes: %s", out)
+    return {"outcomes": out}

@@ -434,7 +434,7 @@ def recommender_view(art: Any, settings: Settings) -> Any:
         model = art.build()
     if hasattr(model, "score") and _full_catalog(model):
         return model
-    return _two_stage_view(art, settings)
+    return two_stage_view(art, settings)
 
 
 def _full_catalog(model: Any) -> bool:
@@ -448,7 +448,9 @@ def _full_catalog(model: Any) -> bool:
     return len(params) == 1
 
 
-def _two_stage_view(ranker_art: Any, settings: Settings) -> Any:
+def two_stage_view(ranker_art: Any, settings: Settings, *, retrieval_art: Any = None) -> Any:
+    """The ranker behind a retrieval model (default: the retrieval champion), as a full-catalog
+    scorer: serving's own two-stage pipeline, through ``models.two_stage``."""
     from models.artifacts import load_from_registry
 
     reg = settings.registry
@@ -457,7 +459,8 @@ def _two_stage_view(ranker_art: Any, settings: Settings) -> Any:
     except ImportError as exc:
         raise PromotionError(f"cannot evaluate a {ranker_art.kind} ranker: models.two_stage has no "
                              f"pipeline_from_artifacts/pipeline_recommender yet ({exc})") from None
-    retrieval_art = load_from_registry(f"models:/{reg.retrieval_model}@{reg.champion_alias}", settings)
+    if retrieval_art is None:
+        retrieval_art = load_from_registry(f"models:/{reg.retrieval_model}@{reg.champion_alias}", settings)
     pipeline = pipeline_from_artifacts(retrieval_art.build(), ranker_art, n_candidates=settings.serving.candidates)
     view = pipeline_recommender(pipeline)
     feats = pipeline.ranker.features
@@ -492,6 +495,8 @@ def training_window_end(tags: dict[str, str], metadata: dict[str, Any]) -> str |
     window = metadata.get("data_window")
     if not end and isinstance(window, dict):
         end = window.get("end")
+    if not end and isinstance(window, str) and ".." in window:  # "first..last" timestamps (pipelines.train)
+        end = window.split("..", 1)[1]
     if not end:
         end = metadata.get(TAG_WINDOW_END)
     return str(end)[:10] if end else None
