@@ -1,0 +1,173 @@
+"""Two-stage pipeline: merge/filter/diversity/fallback on hand-made cases, and the Recommender wrapper."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from models.base import IdMap, InteractionData
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _hand_made():
+    """6 users x 10 items; items 0-5 are category 'a', 6-7 'b', 8-9 'c'."""
+    users = IdMap(tuple(f"u{i}" for i in range(6)))
+    items = IdMap(tuple(f"i{i}" for i in range(10)))
+    pairs = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 3), (3, 4), (3, 5), (4, 6), (4, 7), (5, 8), (5, 9), (5, 0)]
+    u, i = np.array(pairs).T
+    data = InteractionData(users, items, u, i, np.full(len(u), 4.0))
+    frame = pd.DataFrame({"item_id": items.ids, "categories": [["a"]] * 6 + [["b"]] * 2 + [["c"]] * 2,
+                          "created_at": pd.NaT})
+    return data, frame
+
+
+def _pipeline(data, frame, *, quotas=None, **kw):
+    from models.dlrm import DLRMConfig, DLRMScorer, RankingFeatures, build_ranker
+    from models.two_stage import CoVisitationSource, PopularSource, TwoStagePipeline, source_feature_names
+
+    feats = RankingFeatures.build(data, items_frame=frame)
+    sources = [CoVisitationSource(neighbours=5).fit(data), PopularSource().fit(data)]
+    cfg = DLRMConfig(n_users=data.n_users, n_items=data.n_items, n_categories=len(feats.categories),
+                     extra_dense=source_feature_names([s.name for s in sources]), embedding_dim=4, dense_arch=(8, 4),
+                     over_arch=(8, 1))
+    state = build_ranker(cfg, embeddings="plain", seed=0).state_dict()  # an untrained (random) but real DLRM
+    n_dense = len(cfg.dense_names)
+    scorer = DLRMScorer(cfg, feats, state, dense_mean=np.zeros(n_dense), dense_std=np.ones(n_dense))
+    return TwoStagePipeline(sources, scorer, quotas or {"covisit": 10, "popular": 10}, history=data.csr(), **kw)
+
+
+def test_consumed_unavailable_and_blocked_items_are_never_recommended():
+    data, frame = _hand_made()
+    available = np.ones(10, bool)
+    available[9] = False
+    pipe = _pipeline(data, frame, available=available)
+    recs = pipe.recommend(np.arange(6), k=10, blocked=[[2], [], [], [], [], [3]])
+    consumed = data.csr().toarray() > 0
+    for u in range(6):
+        got = recs.items[u][recs.items[u] >= 0]
+        assert len(set(got)) == len(got), "no duplicates after merging sources"
+        assert not consumed[u, got].any(), f"user {u} got an item already consumed"
+        assert 9 not in got, "unavailable item recommended"
+    assert 2 not in recs.items[0] and 3 not in recs.items[5]
+    # every unconsumed, available, unblocked item is reachable (popular covers the catalog here)
+    assert set(recs.items[0][recs.items[0] >= 0]) == {3, 4, 5, 6, 7, 8}
+    scores = recs.scores[0][recs.items[0] >= 0]
+    assert (np.diff(scores) <= 1e-7).all(), "sorted by ranker score"
+
+
+def test_sources_are_reported_per_item():
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame)
+    recs = pipe.recommend(np.array([0]), k=8)
+    by_item = {int(i): recs.sources_of(0, c) for c, i in enumerate(recs.items[0]) if i >= 0}
+    # item 3 co-occurs with user 0's item 0 (user 2 has both): covisit and popular both produce it
+    assert by_item[3] == ["covisit", "popular"]
+    # item 6 co-occurs with nothing user 0 has: popular only
+    assert by_item[6] == ["popular"]
+
+
+def test_diversity_caps_a_category_and_refills_when_too_narrow():
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame)
+    user = np.array([4])  # consumed 6, 7 (b): candidates are a x6, c x2
+    free = pipe.recommend(user, k=4, max_category_share=None)
+    capped = pipe.recommend(user, k=4, max_category_share=0.5)
+    cats = pipe.ranker.features.primary_category
+    got = capped.items[0]
+    assert (np.bincount(cats[got], minlength=3) <= 2).all()
+    assert set(cats[got]) == {0, 2}
+    # greedy semantics: the capped list keeps the best-ranked items of each category in rank order
+    a_items = [i for i in free.items[0] if cats[i] == 0]
+    assert [i for i in got if cats[i] == 0] == a_items[:2] or len(a_items) < 2
+    # too narrow: with k=6 the cap (3 per category) cannot be met from 2 categories -> refill, still 6 items
+    wide = pipe.recommend(user, k=6, max_category_share=0.5)
+    assert (wide.items[0] >= 0).sum() == 6
+
+
+def test_cold_start_user_falls_back_to_popular_and_batching_matches_single_calls():
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame)
+    recs = pipe.recommend(np.array([-1]), k=3)
+    assert (recs.items[0] >= 0).all()
+    assert all(recs.sources_of(0, c) == ["popular"] for c in range(3))
+    batch = pipe.recommend(np.array([0, 3, 5]), k=5)
+    for r, u in enumerate([0, 3, 5]):
+        single = pipe.recommend(np.array([u]), k=5)
+        np.testing.assert_array_equal(batch.items[r], single.items[0])
+        np.testing.assert_allclose(batch.scores[r], single.scores[0], rtol=1e-5)
+    frames = pipe.recommend_ids(["u0", "nobody"], k=2)
+    assert list(frames[0].columns) == ["item_id", "score", "sources"] and len(frames[1]) == 2
+
+
+def test_bad_requests_are_refused():
+    from models.two_stage import TwoStageError
+
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame)
+    with pytest.raises(TwoStageError, match="out of range"):
+        pipe.recommend(np.array([99]))
+    with pytest.raises(TwoStageError, match="k must be"):
+        pipe.recommend(np.array([0]), k=0)
+    with pytest.raises(TwoStageError, match="one list per request"):
+        pipe.recommend(np.array([0, 1]), blocked=[[1]])
+    with pytest.raises(TwoStageError, match="no quota"):
+        _pipeline(data, frame, quotas={"covisit": 5})
+
+
+def test_candidate_cap_keeps_best_ranked():
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame, n_candidates=2)
+    hist = data.csr()[[0]]
+    c = pipe.retrieve(np.array([0]), hist, exclude=hist)
+    assert len(c) == 2
+    assert c.features[:, -1].max() >= 1  # src_count
+
+
+@pytest.mark.slow
+def test_recommender_wrapper_fits_scores_and_exposes_sources():
+    from datetime import date
+
+    from core.synthetic import generate
+    from models.metrics import evaluate_recommender
+    from models.two_stage import TwoStageError, TwoStageRecommender
+
+    ds = generate(n_users=200, n_items=120, n_events=15_000, n_days=10, shift_date=date(2024, 1, 20), seed=5)
+    events = ds.events.drop_duplicates(["user_id", "item_id"])
+    data = InteractionData.from_frame(events)
+    rng = np.random.default_rng(0)
+    part = rng.choice(3, size=len(data), p=[0.7, 0.15, 0.15])
+
+    def sub(p):
+        m = part == p
+        return InteractionData(data.users, data.items, data.user_idx[m], data.item_idx[m], data.values[m])
+
+    train, valid, test = sub(0), sub(1), sub(2)
+    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 50, "popular": 30},
+                                dlrm_params=dict(epochs=2, embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 1),
+                                                 learning_rate=1e-2))
+    with pytest.raises(TwoStageError, match="before fit"):
+        model.score(np.array([0]))
+    model.fit(train, valid=valid)
+    scores = model.score(np.arange(5))
+    assert scores.shape == (5, data.n_items)
+    consumed = (train.csr() + valid.csr()).toarray()[:5] > 0
+    assert np.isneginf(scores[consumed]).all(), "consumed items are never candidates"
+    assert (np.isfinite(scores).sum(1) <= 60).all()
+    m = evaluate_recommender(model, train=train, test=test, valid=valid, ks=(10,))
+    assert m["recall@10"] > 0
+    names = [s.name for s in model.source_recommenders()]
+    assert names == ["source_covisit", "source_popular"]
+    assert 0 < model.report["candidate_recall"] <= 1
+    single = InteractionData(data.users, data.items, np.zeros(5, np.int64), np.arange(5), np.ones(5))
+    with pytest.raises(TwoStageError, match="single user"):
+        TwoStageRecommender().fit(single)
