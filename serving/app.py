@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import orjson
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException
 
 from serving.schemas import EventIn, EventsAccepted, Health, Problem, Recommendations, SimilarItems
 

@@ -59,6 +59,10 @@ def run(settings: "Settings", *, host: str | None = None, port: int | None = Non
     shutil.rmtree(mdir, ignore_errors=True)  # stale samples of a previous run must not be aggregated
     mdir.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mdir)
+    # an unreachable registry must cost seconds, not MLflow's default minutes of retries:
+    # serving then starts from the local copy and the poller keeps trying
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     os.environ["RECSYS_CONFIG"] = str(cfg_path)
     for name in [n for n in os.environ if n.startswith("RECSYS_") and n not in ("RECSYS_CONFIG",)]:
         del os.environ[name]  # the YAML already holds them, resolved

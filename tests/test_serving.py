@@ -1,0 +1,290 @@
+"""The real API in a subprocess on a loopback port, over real HTTP (httpx), with a two-tower
+model trained by the real training code and registered in MLflow, and a real (SQLite) Feast
+online store. Slow by nature (training, MLflow and server start-up), so marked ``slow``."""
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+KEY = "test-key"
+H = {"X-API-Key": KEY}
+
+
+def _settings(root: Path, **serving):
+    from core.config import load_settings
+
+    srv = {"api_key": KEY, "registry_poll_s": 1.0, **serving}
+    return load_settings(root=root, environ={}, overrides={"environment": "test", "serving": srv})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Lake + registered two-tower (version 1 @champion) + built online features, shared by the module."""
+    from serving import fixtures as F
+
+    root = tmp_path_factory.mktemp("serving")
+    s = _settings(root)
+    ds = F.synthetic_lake(s, n_users=120, n_items=60, n_events=2_500, n_days=8)
+    model = F.train_two_tower(ds, epochs=1)
+    version = F.register_two_tower(s, model)
+    F.online_features(s)
+    return {"root": root, "settings": s, "dataset": ds, "model": model, "version": version}
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    from serving.server import ServerProcess
+
+    with ServerProcess(world["settings"], workers=2) as srv:
+        yield srv
+
+
+def _client(srv) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, timeout=30.0)
+
+
+def _known_user(world) -> str:
+    return str(world["dataset"].events["user_id"].iloc[0])
+
+
+def test_ready_happy_path_and_metrics(world, server) -> None:
+    c = _client(server)
+    ready = c.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    detail = ready.json()["detail"]
+    assert detail["model_versions"] == {"two_tower": world["version"]}
+    assert detail["features"]["loaded"] and detail["eventlog"]["durable"]
+    user = _known_user(world)
+    r = c.get(f"/v1/recommendations/{user}", params={"k": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["items"]) == 7 and [it["position"] for it in body["items"]] == list(range(7))
+    assert body["model_versions"] == {"two_tower": world["version"]}
+    assert body["fallback_reason"] in (None, "ranker_unavailable")  # no ranker registered in this fixture
+    assert body["variant"] is None and len(body["request_id"]) == 32
+    catalog = set(world["dataset"].items["item_id"])
+    assert {it["item_id"] for it in body["items"]} <= catalog
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    # the user's recent items (online features) are not recommended again
+    from pipelines.features import OnlineFeatureClient
+
+    recent = set(OnlineFeatureClient(world["settings"], load_items=False).user_features(user)["recent_items"] or [])
+    assert not recent & {it["item_id"] for it in body["items"]}
+    sim = c.get(f"/v1/items/{body['items'][0]['item_id']}/similar", params={"k": 5})
+    assert sim.status_code == 200 and len(sim.json()["items"]) == 5
+    assert body["items"][0]["item_id"] not in {it["item_id"] for it in sim.json()["items"]}
+    # many connections so both workers answer, then /metrics aggregates them
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda _: httpx.get(f"{server.url}/v1/recommendations/{user}"), range(32)))
+    text = c.get("/metrics").text
+    for needle in ('recsys_stage_seconds_bucket{le="0.005",stage="features"}', 'stage="retrieval"', 'stage="total"',
+                   f'recsys_model_info{{alias="champion",model="two_tower",version="{world["version"]}"}} 1.0',
+                   'recsys_http_requests_total{endpoint="recommendations",status="200"}', "recsys_fallbacks_total"):
+        assert needle in text, needle
+    assert c.get("/docs").status_code == 200
+    assert "/v1/recommendations/{user_id}" in c.get("/openapi.json").json()["paths"]
+
+
+def test_cold_start_gets_popular_items_in_context(world, server) -> None:
+    c = _client(server)
+    web = c.get("/v1/recommendations/brand-new-user", params={"k": 10, "context": "device:web"}).json()
+    tv = c.get("/v1/recommendations/brand-new-user", params={"k": 10, "context": '{"device": "tv"}'}).json()
+    anywhere = c.get("/v1/recommendations/brand-new-user", params={"k": 10}).json()
+    assert web["fallback_reason"] == tv["fallback_reason"] == anywhere["fallback_reason"] == "cold_start"
+    assert len(web["items"]) == len(tv["items"]) == 10
+    assert web["context"] == '{"device": "web"}'
+    from serving.popularity import popularity_from_events
+
+    pop = popularity_from_events(world["dataset"].events, days=world["settings"].serving.popularity_days)
+    assert [it["item_id"] for it in web["items"]] == pop.top(10, context='{"device": "web"}')[0]
+    assert [it["item_id"] for it in anywhere["items"]] == pop.top(10)[0]
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,needle", [
+    ("get", "/v1/recommendations/u1", {"params": {"k": 0}}, 422, "k"),
+    ("get", "/v1/recommendations/u1", {"params": {"k": 10_000}}, 422, "k"),
+    ("get", "/v1/recommendations/u1", {"params": {"k": "many"}}, 422, "k"),
+    ("get", "/v1/recommendations/" + "x" * 300, {}, 422, "user_id"),
+    ("get", "/v1/recommendations/u1", {"params": {"context": "{not json"}}, 422, "context"),
+    ("get", "/v1/recommendations/u1", {"params": {"context": "nocolon"}}, 422, "context"),
+    ("get", "/v1/items/no-such-item/similar", {}, 404, "unknown item_id"),
+    ("post", "/v1/events", {"content": b"{broken", "headers": H}, 400, "malformed JSON"),
+    ("post", "/v1/events", {"content": b"", "headers": H}, 400, "empty body"),
+    ("post", "/v1/events", {"json": {"user_id": "u1"}, "headers": H}, 422, "item_id"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "i1", "value": "high"}, "headers": H}, 422, "value"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "i1", "event_type": "teleport"}, "headers": H}, 422, "event_type"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "i1", "extra": 1}, "headers": H}, 422, "extra"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "not-in-catalog"}, "headers": H}, 422, "unknown item_id"),
+    ("post", "/v1/events", {"json": [], "headers": H}, 422, "no events"),
+    ("post", "/v1/events", {"json": [{"user_id": "u", "item_id": "i1"}] * 1001, "headers": H}, 413, "limit"),
+    ("post", "/v1/events", {"content": b"[" + b" " * 1_100_000 + b"]", "headers": H}, 413, "larger than"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "i1"}}, 401, "missing API key"),
+    ("post", "/v1/events", {"json": {"user_id": "u1", "item_id": "i1"}, "headers": {"X-API-Key": "wrong"}}, 403, "invalid API key"),
+    ("post", "/admin/reload", {}, 401, "missing API key"),
+    ("get", "/nowhere", {}, 404, "Not Found"),
+])
+def test_bad_input_gets_a_clear_4xx(server, method, path, kwargs, status, needle) -> None:
+    r = getattr(_client(server), method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert needle.lower() in (body["error"] + str(body.get("detail"))).lower()
+    assert "Traceback" not in r.text
+
+
+def test_events_are_durable_update_features_and_log_impressions(world, server) -> None:
+    from pipelines.features import OnlineFeatureClient
+    from serving.eventlog import read_events, read_records
+
+    c = _client(server)
+    user = "events-user-1"
+    item = str(world["dataset"].items["item_id"].iloc[5])
+    r = c.post("/v1/events", params={"sync_features": "true"}, headers=H,
+               json={"events": [{"user_id": user, "item_id": item, "event_type": "purchase", "event_id": "evt-dur-1",
+                                 "context": {"device": "tv"}}]})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"accepted": 1, "event_ids": ["evt-dur-1"], "durable": True, "features_updated": True}
+    # on disk before the 202: readable by another process right away
+    frame, _ = read_events(world["settings"])
+    row = frame[frame["event_id"] == "evt-dur-1"]
+    assert len(row) == 1 and row["item_id"].iloc[0] == item and row["context"].iloc[0] == '{"device": "tv"}'
+    # the online features saw it: the user is no longer cold and the item is excluded
+    feats = OnlineFeatureClient(world["settings"], load_items=False).user_features(user)
+    assert item in (feats["recent_items"] or [])
+    # impressions of served requests are logged (asynchronously)
+    c.get(f"/v1/recommendations/{_known_user(world)}", params={"k": 3})
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        imps = read_records(world["settings"], "impressions").records
+        if imps:
+            break
+        time.sleep(0.2)
+    assert imps and {"request_id", "items", "scores", "positions", "propensities", "model_versions", "variant"} <= set(imps[-1])
+
+
+def test_acknowledged_events_survive_kill_9_and_restart(world, tmp_path) -> None:
+    """Each 202 must mean on disk: SIGKILL the server right after the acks, reopen the log."""
+    from serving.eventlog import read_events
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    item = str(world["dataset"].items["item_id"].iloc[1])
+    ids = [f"crash-{i}" for i in range(40)]
+    srv = ServerProcess(s, workers=1).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda e: httpx.post(f"{srv.url}/v1/events", headers=H, timeout=30,
+                                                     json={"user_id": "crash-user", "item_id": item, "event_id": e}).status_code, ids))
+        assert codes == [202] * len(ids)
+    finally:
+        srv.kill()
+    frame, _ = read_events(s)
+    assert set(ids) <= set(frame["event_id"])
+    with ServerProcess(s, workers=1) as again:  # and a restarted server serves on the same log
+        assert httpx.post(f"{again.url}/v1/events", headers=H, json={"user_id": "crash-user", "item_id": item}).status_code == 202
+
+
+def test_without_model_serves_popular_and_is_not_ready(world, tmp_path) -> None:
+    """Remove the model (no registered alias and no local copy): popularity, 503 on /readyz."""
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    s = s.model_copy(update={"registry": s.registry.model_copy(update={"retrieval_model": "no_such_model"})})
+    with ServerProcess(s) as srv:
+        c = _client(srv)
+        assert c.get("/healthz").status_code == 200
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "no_such_model" in ready.json()["detail"]["model_error"]
+        r = c.get(f"/v1/recommendations/{_known_user(world)}", params={"k": 5})
+        assert r.status_code == 200 and r.json()["fallback_reason"] == "model_unavailable" and len(r.json()["items"]) == 5
+        assert c.get(f"/v1/items/{world['dataset'].items['item_id'].iloc[0]}/similar").json()["fallback_reason"] == "model_unavailable"
+
+
+def test_registry_down_uses_local_copy(world, tmp_path) -> None:
+    """Registry unreachable at start: the last loaded artifacts on local disk serve."""
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    s = s.model_copy(update={"mlflow": s.mlflow.model_copy(update={"tracking_uri": "http://127.0.0.1:9/unreachable"})})
+    with ServerProcess(s) as srv:
+        c = _client(srv)
+        detail = c.get("/readyz").json()["detail"]
+        assert detail["model_versions"] == {"two_tower": world["version"]} and detail["model_source"] == "local-copy"
+        assert c.get(f"/v1/recommendations/{_known_user(world)}").json()["model_versions"] == {"two_tower": world["version"]}
+
+
+def test_online_store_down_still_serves(world, tmp_path) -> None:
+    """Kill the online store under a running server (its SQLite file replaced by garbage):
+    requests keep getting 200s, marked features_unavailable, with the models' own history."""
+    from pipelines.features import feature_paths
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    s = s.model_copy(update={"features": s.features.model_copy(update={"online_cache_ttl_s": 0.0})})
+    online = feature_paths(s).online_db
+    backup = online.with_suffix(".bak")
+    with ServerProcess(s) as srv:
+        c = _client(srv)
+        user = _known_user(world)
+        assert c.get(f"/v1/recommendations/{user}").json()["fallback_reason"] in (None, "ranker_unavailable")
+        shutil.copy(online, backup)
+        try:
+            online.write_bytes(b"this is not a database" * 100)
+            r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
+            assert r.status_code == 200
+            assert r.json()["fallback_reason"] == "features_unavailable" and len(r.json()["items"]) == 5
+            assert r.json()["model_versions"] == {"two_tower": world["version"]}
+        finally:
+            shutil.copy(backup, online)
+
+
+def test_hot_swap_under_load_fails_no_request(world) -> None:
+    """Move the alias to a new version while clients hammer the API: every request succeeds and
+    the new version takes over without a restart."""
+    from serving import fixtures as F
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    user = _known_user(world)
+    with ServerProcess(s, workers=2) as srv:
+        stop = threading.Event()
+        results: list[tuple[int, str]] = []
+        lock = threading.Lock()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                while not stop.is_set():
+                    r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
+                    v = r.json().get("model_versions", {}).get("two_tower", "") if r.status_code == 200 else ""
+                    with lock:
+                        results.append((r.status_code, v))
+
+        threads = [threading.Thread(target=hammer) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            new_version = F.register_two_tower(s, world["model"])  # a new version; the alias moves to it
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                with lock:
+                    tail = [v for _, v in results[-30:]]
+                if tail and all(v == new_version for v in tail):
+                    break
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        codes = {code for code, _ in results}
+        versions = {v for _, v in results}
+        assert codes == {200}, f"failed requests during the swap: {codes}"
+        assert {world["version"], new_version} <= versions, versions
+        assert "recsys_model_swaps_total" in httpx.get(srv.url + "/metrics").text
