@@ -68,6 +68,16 @@ class CheckSpec:
     build: Callable[[BatchFacts, ValidationSettings], "tuple[str, dict[str, Any]] | str"] = field(repr=False)
 
 
+Builder = Callable[[BatchFacts, ValidationSettings], "tuple[str, dict[str, Any]] | str"]
+
+
+def _fixed(expectation: str, **kwargs: Any) -> Builder:
+    """A builder for a check whose bounds do not depend on the batch."""
+    def build(facts: BatchFacts, cfg: ValidationSettings) -> tuple[str, dict[str, Any]]:
+        return expectation, dict(kwargs)
+    return build
+
+
 def _specs_events() -> list[CheckSpec]:
     t = "events"
     specs = [
@@ -83,7 +93,7 @@ def _specs_events() -> list[CheckSpec]:
     specs += _type_specs(t)
     specs += [
         CheckSpec(f"{t}.not_null.{col}", f"every event has a {col}",
-                  lambda f, c, col=col: ("ExpectColumnValuesToNotBeNull", {"column": col}))
+                  _fixed("ExpectColumnValuesToNotBeNull", column=col))
         for col in ("event_id", "user_id", "item_id", "event_type", "value", "timestamp")
     ]
     specs += [
@@ -131,7 +141,7 @@ def _specs_events() -> list[CheckSpec]:
 def _type_specs(table: str) -> list[CheckSpec]:
     return [
         CheckSpec(f"{table}.type.{col}", f"{col} has the schema's type ({type_})",
-                  lambda f, c, col=col, type_=type_: ("ExpectColumnValuesToBeOfType", {"column": col, "type_": type_}))
+                  _fixed("ExpectColumnValuesToBeOfType", column=col, type_=type_))
         for col, type_ in _TYPES[table].items()
     ]
 

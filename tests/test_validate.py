@@ -295,6 +295,18 @@ def test_dry_run_leaves_the_batch_in_place(lake_settings, incoming):
     assert DAY in lake.partitions() and len(lake.read_events(DAY, DAY)) == n
 
 
+def test_disabled_gate_lets_batches_through(settings, base_lake):
+    from core.config import load_settings
+    from pipelines.validate import validate_partition
+
+    s = load_settings(root=settings.paths.root, environ={}, overrides={"environment": "test", "validation": {"enabled": False}})
+    shutil.copytree(base_lake[0], s.paths.lake_dir)
+    _write_raw(s, DAY, EVENT_SCHEMA.empty_table())
+    report = validate_partition(DAY, settings=s, now=NOW)
+    assert report.success and report.checks == [] and "enabled is false" in report.skipped["*"]
+    assert DAY in Lake(s.paths.lake_dir).partitions()
+
+
 def test_missing_partition_is_a_clear_error(lake_settings):
     from core.schemas import DataError
     from pipelines.validate import validate_partition
