@@ -38,12 +38,9 @@ REFERENCE = {
     }
 }
 
-#: Neural settings for the benchmark: bounded epochs so a run fits in minutes on 2 cores;
-#: early stopping on validation picks the epoch.
-NEURAL_PARAMS: dict[str, dict[str, Any]] = {
-    "two_tower": {"epochs": 12, "patience": 2},
-    "two_stage": {"two_tower": {"epochs": 12, "patience": 2}},
-}
+#: Neural overrides for the benchmark (empty: the trainer's own preset, ``pipelines.train.two_tower_params``,
+#: so the benchmark trains the same model the training pipeline does; early stopping on validation).
+NEURAL_PARAMS: dict[str, dict[str, Any]] = {}
 
 
 def run(
