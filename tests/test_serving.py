@@ -210,9 +210,11 @@ def test_without_model_serves_popular_and_is_not_ready(world, tmp_path) -> None:
 
 def test_registry_down_uses_local_copy(world, tmp_path) -> None:
     """Registry unreachable at start: the last loaded artifacts on local disk serve."""
+    from models.artifacts import load_from_registry
     from serving.server import ServerProcess
 
     s = world["settings"]
+    load_from_registry("models:/two_tower@champion", s)  # what any earlier start leaves on disk
     s = s.model_copy(update={"mlflow": s.mlflow.model_copy(update={"tracking_uri": "http://127.0.0.1:9/unreachable"})})
     with ServerProcess(s) as srv:
         c = _client(srv)
