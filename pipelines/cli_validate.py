@@ -82,7 +82,7 @@ def validate(
             reports.extend(run())
         except ValidationFailed as exc:  # keep going: report every failing batch at the end
             failed.extend(exc.reports)
-            reports.extend(exc.reports)
+            reports.extend(exc.passed + exc.reports)
 
     if days:
         collect(lambda: validate_partitions(days, settings=s, warn_only=warn_only, now=clock, quarantine=not dry_run))

@@ -136,11 +136,13 @@ class ValidationReport:
 class ValidationFailed(DataError):
     """A batch failed the gate: it was quarantined (unless dry-run) and must not be used downstream.
 
-    ``reports`` holds every failed batch's report; the message is their one-screen summary.
+    ``reports`` holds every failed batch's report (the message is their one-screen summary);
+    ``passed`` the reports of batches validated in the same call that passed.
     """
 
-    def __init__(self, reports: Sequence[ValidationReport]):
+    def __init__(self, reports: Sequence[ValidationReport], *, passed: Sequence[ValidationReport] = ()):
         self.reports = list(reports)
+        self.passed = list(passed)
         lines = 12 if len(self.reports) == 1 else 4  # several batches: keep it to one screen
         parts = [r.summary(max_lines=lines) for r in self.reports[:3]]
         if len(self.reports) > 3:
@@ -571,7 +573,8 @@ def validate_catalog(
     warn = effective_warn_only(settings, warn_only)
     lake = Lake(settings.paths.lake_dir)
     clock = _now(now)
-    reports, failed = [], []
+    reports: list[ValidationReport] = []
+    failed: list[ValidationReport] = []
     for table in tables:
         check_specs(table)  # rejects unknown table names with the known ones listed
         path = lake.table_path(table)
@@ -584,11 +587,9 @@ def validate_catalog(
         facts = BatchFacts(table=table, now=clock, rows=len(frame))
         report = _run_gate(table=table, label_day=clock.date(), frame=frame, facts=facts, notes={}, files=[path],
                            settings=settings, warn=warn, quarantine=quarantine)
-        reports.append(report)
-        if not report.success:
-            failed.append(report)
+        (reports if report.success else failed).append(report)
     if failed:
-        raise ValidationFailed(failed)
+        raise ValidationFailed(failed, passed=reports)
     return reports
 
 
@@ -602,16 +603,16 @@ def validate_partitions(
 ) -> list[ValidationReport]:
     """Validate several partitions (oldest first, so each sees the volumes the gate accepted);
     one bad day does not stop the others. Raises :class:`ValidationFailed` listing all failures."""
-    reports, failed = [], []
+    passed: list[ValidationReport] = []
+    failed: list[ValidationReport] = []
     for day in sorted(days):
         try:
-            reports.append(validate_partition(day, settings=settings, warn_only=warn_only, now=now, quarantine=quarantine))
+            passed.append(validate_partition(day, settings=settings, warn_only=warn_only, now=now, quarantine=quarantine))
         except ValidationFailed as exc:
             failed.extend(exc.reports)
-            reports.extend(exc.reports)
     if failed:
-        raise ValidationFailed(failed)
-    return reports
+        raise ValidationFailed(failed, passed=passed)
+    return passed
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -680,7 +681,7 @@ def step_validate(settings: Settings, state: "DemoState") -> str:
         try:
             reports += run()
         except ValidationFailed as exc:
-            reports += exc.reports
+            reports += exc.passed + exc.reports
     bad = [r for r in reports if not r.success]
     elapsed = _time.perf_counter() - t0
     poisoned = poisoned_batch_demo(settings)

@@ -374,8 +374,10 @@ def test_cli_exits_non_zero_with_the_summary(lake_settings, incoming, monkeypatc
     ok = runner.invoke(root, ["validate", "--date", "2024-01-13", "--no-catalog", "--now", NOW.isoformat()])
     assert ok.exit_code == 0, ok.output
     assert "PASSED events date=2024-01-13" in ok.output
-    res = runner.invoke(root, ["validate", "--date", DAY.isoformat(), "--no-catalog", "--now", NOW.isoformat()])
+    res = runner.invoke(root, ["validate", "--date", "2024-01-12", "--date", DAY.isoformat(), "--no-catalog",
+                               "--now", NOW.isoformat()])
     assert res.exit_code == 1
+    assert "PASSED events date=2024-01-12" in res.output  # the good day is reported beside the bad one
     assert "events.item_in_catalog" in res.output and "item_id=ghost (x3)" in res.output
     assert "quarantined to" in res.output
     listed = runner.invoke(root, ["validate", "--list-checks"])
