@@ -436,7 +436,8 @@ def _catalog_ids(lake: Lake) -> list[str] | None:
 
     path = lake.table_path("items")
     if not path.exists():
-        return None
+        # A quarantined catalog is not "no catalog": with it out of the lake no item can be confirmed.
+        return [] if (lake.root / "quarantine" / "items").is_dir() else None
     try:
         return [str(v) for v in pq.read_table(path, columns=["item_id"]).column("item_id").to_pylist() if v is not None]
     except (KeyError, ValueError) as exc:  # a broken catalog fails its own suite; events cannot be checked against it
@@ -550,6 +551,8 @@ def validate_partition(
     catalog = _catalog_ids(lake)
     frame = add_event_columns(raw, catalog_item_ids=catalog)
     facts, notes = event_facts(lake, day, frame, settings=settings, now=clock, has_catalog=catalog is not None)
+    if catalog == [] and not lake.table_path("items").exists():
+        notes["events.item_in_catalog"] = "the item catalog is in quarantine: release or re-ingest it first"
     report = _run_gate(table="events", label_day=day, frame=frame, facts=facts, notes=notes, files=files,
                        settings=settings, warn=warn, quarantine=quarantine)
     if not report.success:

@@ -227,7 +227,7 @@ def test_stale_live_partition_fails_freshness(lake_settings, incoming):
 
 
 def test_broken_catalog_is_quarantined(lake_settings):
-    from pipelines.validate import ValidationFailed, validate_catalog
+    from pipelines.validate import ValidationFailed, validate_catalog, validate_partition
 
     lake = Lake(lake_settings.paths.lake_dir)
     items = lake.read_table("items")
@@ -241,6 +241,11 @@ def test_broken_catalog_is_quarantined(lake_settings):
     assert pq.ParquetFile(qdir / "items.parquet").metadata.num_rows == len(bad)
     assert not lake.table_path("items").exists()
     assert (qdir / "validation_result.json").is_file()
+    # with the catalog in quarantine, events cannot pass referential integrity by default
+    with pytest.raises(ValidationFailed) as info:
+        validate_partition(date(2024, 1, 13), settings=lake_settings, now=NOW, quarantine=False)
+    check = next(c for c in info.value.report.failed if c.name == "events.item_in_catalog")
+    assert "catalog is in quarantine" in check.expected
 
 
 # ---- warn-only and dry runs -------------------------------------------------------------------
