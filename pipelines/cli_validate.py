@@ -72,8 +72,6 @@ def validate(
         days = available[-last:]
     else:
         days = available[-1:]
-    if not days and not catalog:
-        raise ValueError(f"nothing to validate: the lake at {lake.root} has no events partitions")
     clock = _clock(now)
     reports, failed = [], []
 
@@ -88,6 +86,8 @@ def validate(
         collect(lambda: validate_partitions(days, settings=s, warn_only=warn_only, now=clock, quarantine=not dry_run))
     if catalog:
         collect(lambda: validate_catalog(settings=s, warn_only=warn_only, now=clock, quarantine=not dry_run))
+    if not reports:
+        raise ValueError(f"nothing to validate: the lake at {lake.root} has no events partitions, items or users")
     if as_json:
         print_json([r.as_dict() for r in reports])
     else:
