@@ -121,7 +121,7 @@ def airflow_env(settings: Settings, *, home: Path | None = None) -> dict[str, st
     sec = _secrets(home)
     base = f"http://{orch.host}:{orch.airflow_port}"
     db = orch.airflow_db_uri or f"sqlite:///{home / 'airflow.db'}"
-    return {
+    env = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -145,6 +145,10 @@ def airflow_env(settings: Settings, *, home: Path | None = None) -> dict[str, st
         "RECSYS_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
         "RECSYS_MLFLOW__ARTIFACT_ROOT": str(settings.mlflow.artifact_root),
     }
+    if db.startswith("postgresql+psycopg://"):
+        # Airflow 3 also opens an async engine; without this it derives an asyncpg URL (not installed)
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = db
+    return env
 
 
 def components(settings: Settings) -> list[Component]:

@@ -86,3 +86,38 @@ def test_up_refuses_a_port_in_use(settings):
         assert U.status(busy).pids == {}
     finally:
         s.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_airflow_metadata_db_on_fresh_postgres(settings):
+    """Production config: the Airflow metadata DB on PostgreSQL (migrate, parse the DAGs, list them)."""
+    import json
+    import os
+
+    psycopg = pytest.importorskip("psycopg")
+    import uuid
+
+    try:
+        admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
+    name = f"recsys_test_af_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        pg = settings.model_copy(deep=True)
+        object.__setattr__(pg, "orchestration", U.OrchestrationSettings(
+            airflow_db_uri=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"))
+        env = {**os.environ, **U.airflow_env(pg)}
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] == env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        af = U._bin("airflow")
+        for args in (["db", "migrate"], ["dags", "reserialize"]):
+            r = subprocess.run([af, *args], env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+        r = subprocess.run([af, "dags", "list", "-o", "json"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        listed = {d["dag_id"] for d in json.loads(r.stdout[r.stdout.index("[{"):])}
+        assert {"training_pipeline", "feature_materialization"} <= listed
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
