@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from core.schemas import DataError
@@ -61,7 +61,10 @@ class TrainingError(RuntimeError):
 
 class TwoTowerConfig(BaseModel):
     """Architecture + training hyper-parameters (saved with the artifact; serving reads the
-    architecture part, the rest documents how the model was made)."""
+    architecture part, the rest documents how the model was made). Unknown keys are errors:
+    a misspelt hyper-parameter must not silently fall back to its default."""
+
+    model_config = ConfigDict(extra="forbid")
 
     n_users: int = Field(ge=1)
     n_items: int = Field(ge=1)
