@@ -331,6 +331,7 @@ def training_set(
     service: str = "ranker_v1",
     derive: bool = True,
     store: "FeatureStore | None" = None,
+    chunk_rows: int | None = 100_000,
 ) -> pd.DataFrame:
     """Point-in-time correct features for label rows.
 
@@ -341,6 +342,11 @@ def training_set(
     later one. Rows come back in the input order; features unknown at that time are null.
     ``derive`` adds the request-time features (recency, affinity, item age) exactly as
     :class:`OnlineFeatureClient` computes them online.
+
+    Feast's join matches every label row with *all* earlier snapshots of its entity and then
+    keeps the newest, so its working set is (label rows x snapshots per entity); ``chunk_rows``
+    runs it on slices of the entity frame to bound peak memory (``None``: one call). The result
+    is the same either way.
     """
     from feature_defs.transforms import derive_item_features, derive_user_features
 
@@ -348,10 +354,16 @@ def training_set(
     keys = sorted({S.VIEW_KEYS[v] for v in views})
     df = _entity_frame(entity_df, keys)
     _require_built(settings)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
     df["_row"] = np.arange(len(df), dtype=np.int64)
     store = store or feature_store(settings)
-    job = store.get_historical_features(entity_df=df, features=store.get_feature_service(service))
-    out = job.to_df().sort_values("_row", kind="stable").drop(columns="_row").reset_index(drop=True)
+    features = store.get_feature_service(service)
+    step = len(df) if not chunk_rows else chunk_rows
+    parts = [store.get_historical_features(entity_df=df.iloc[i:i + step], features=features).to_df()
+             for i in range(0, max(len(df), 1), max(step, 1))]
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    out = out.sort_values("_row", kind="stable").drop(columns="_row").reset_index(drop=True)
     out[S.TS] = pd.to_datetime(out[S.TS], utc=True)
     if derive:
         derive_user_features(out, out[S.TS])

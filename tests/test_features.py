@@ -254,6 +254,9 @@ def test_training_set_is_point_in_time_correct(store_settings) -> None:
     assert out.loc[1, "user_days_since_last_event"] == pytest.approx((ts("2024-01-05 15:00") - ts("2024-01-03 10:00")).total_seconds() / 86400)
     assert pd.isna(out.loc[4, "user_events_total"])         # unknown user: nulls, not dropped
     assert out.loc[4, "item_categories"] is not None and not pd.isna(out.loc[4, "item_age_days"])
+    chunked = training_set(labels, settings=store_settings, service="ranker_v1", chunk_rows=2)
+    pd.testing.assert_frame_equal(chunked.drop(columns=["user_category_affinity"]),
+                                  out.drop(columns=["user_category_affinity"]), check_dtype=False)
     # item features are point-in-time too: item i2's count on day 5 includes the rating only from day 6
     stats = training_set(pd.DataFrame({"user_id": [PIT_USER] * 2, "item_id": ["i2", "i2"],
                                        "timestamp": [ts("2024-01-05 16:00"), ts("2024-01-06 00:00")]}),
