@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
 from typing import Any, Mapping
 
 from core.config import Settings
 
 log = logging.getLogger(__name__)
 
+#: The checkout this code runs from (``paths.root`` may be a data folder elsewhere).
+CODE_ROOT = Path(__file__).resolve().parents[1]
 TAG_STEP = "recsys.step"
 TAG_DAY = "recsys.logical_date"
 TAG_EVAL = "recsys.eval_set"
@@ -202,7 +205,7 @@ def train_retrieval_step(*, settings: Settings, plan: dict[str, Any], eval_set: 
                           progress=False, run_name=f"two_tower-{plan['day']}", **_training_overrides(plan))
     _mark_run(settings, res.run_id, step, plan, eval_set)
     return {"model": settings.registry.retrieval_model, "run_id": res.run_id, "model_uri": res.model_uri,
-            "reused": False, "test_metrics": {k: v for k, v in res.test_metrics.items() if k.endswith("@10")}}
+            "reused": False, "test_metrics": {k: float(v) for k, v in res.test_metrics.items() if k.endswith("@10")}}
 
 
 def train_ranking_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[str, Any],
@@ -218,8 +221,10 @@ def train_ranking_step(*, settings: Settings, plan: dict[str, Any], eval_set: di
     except ImportError as exc:
         raise FlowError(f"pipelines.train_ranker.train_ranker is not available yet ({exc})") from None
     ds = lake_dataset(settings, start=date.fromisoformat(plan["train_start"]), end=date.fromisoformat(plan["train_end"]))
+    # the retrieval model trained in this run is one of the ranker's candidate sources, as in serving
     res = train_ranker(settings=settings, source=ds.name, dataset=ds, protocol="temporal", register=False,
-                       progress=False, run_name=f"ranker-{plan['day']}", **_training_overrides(plan))
+                       two_tower=f"runs:/{retrieval['run_id']}/model", progress=False,
+                       run_name=f"ranker-{plan['day']}", **_training_overrides(plan))
     _mark_run(settings, res.run_id, step, plan, eval_set)
     return {"model": settings.registry.ranking_model, "run_id": res.run_id, "model_uri": res.model_uri,
             "reused": False, "retrieval_run_id": retrieval["run_id"]}
@@ -246,11 +251,16 @@ def evaluate_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[st
     for t in trained:
         art = load_from_registry(f"runs:/{t['run_id']}/model", settings)
         arts[t["run_id"]] = art
-        if t["model"] == settings.registry.ranking_model:
-            retrieval_art = arts.get(t.get("retrieval_run_id", ""))
-            model = P.two_stage_view(art, settings, retrieval_art=retrieval_art)
-        else:
-            model = P.recommender_view(art, settings)
+        try:
+            if t["model"] == settings.registry.ranking_model:
+                model = P.two_stage_view(art, settings, retrieval_art=arts.get(t.get("retrieval_run_id", "")))
+            else:
+                model = P.recommender_view(art, settings)
+        except P.PromotionError as exc:
+            # not measurable here (e.g. a missing two-stage hook): registered, but the gate will say so
+            log.warning("%s cannot be evaluated: %s", t["model"], exc)
+            out["models"].append({**t, "metrics": {}, "error": str(exc)})
+            continue
         metrics = P.measure(model, *P._id_maps(model, art), es, settings, space=space)
         for key, value in metrics.items():
             client.log_metric(t["run_id"], f"gate_{metric_key(key)}", value)
@@ -280,7 +290,7 @@ def register_step(*, settings: Settings, plan: dict[str, Any], eval_set: dict[st
         else:
             tags = {P.TAG_WINDOW_START: plan["train_start"], P.TAG_WINDOW_END: plan["train_end"],
                     P.TAG_EVAL_SET: eval_set["version"], TAG_DAY: plan["day"],
-                    P.TAG_GIT: git_commit(settings.paths.root) or "unknown"}
+                    P.TAG_GIT: git_commit(CODE_ROOT) or "unknown"}
             mv = mlflow.register_model(f"runs:/{m['run_id']}/model", name, tags=tags)
             version = str(mv.version)
         out.append({"model": name, "version": version, "run_id": m["run_id"], "reused": bool(existing)})
@@ -312,8 +322,23 @@ def promote_step(*, settings: Settings, registered: dict[str, Any]) -> dict[str,
             out.append({"model": v["model"], "version": v["version"], "outcome": "refused", "reason": str(exc),
                         "failed": [c.name for c in exc.decision.failed()]})
         except PromotionError as exc:
-            if "already the" not in str(exc):  # a re-run after a successful promotion
-                raise
-            out.append({"model": v["model"], "version": v["version"], "outcome": "unchanged", "reason": str(exc)})
+            if "already the" in str(exc):  # a re-run after a successful promotion
+                out.append({"model": v["model"], "version": v["version"], "outcome": "unchanged", "reason": str(exc)})
+                continue
+            # the gate could not judge it (nothing changes); say so on the version and in the run
+            _tag_not_evaluated(settings, v["model"], v["version"], str(exc))
+            out.append({"model": v["model"], "version": v["version"], "outcome": "not_evaluated", "reason": str(exc)})
     log.info("promotion outcomes: %s", out)
     return {"outcomes": out}
+
+
+def _tag_not_evaluated(settings: Settings, name: str, version: str, reason: str) -> None:
+    import mlflow
+
+    from core.tracking import configure_mlflow
+
+    configure_mlflow(settings)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "gate.outcome", "not_evaluated")
+    client.set_model_version_tag(name, version, "gate.reason", reason[:4000])
+    log.warning("%s v%s was not evaluated by the gate: %s", name, version, reason)

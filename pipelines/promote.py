@@ -125,7 +125,8 @@ def _frames_for(settings: Settings, cutoff: date, end: date | None) -> tuple["pd
     test = test[test["user_id"].isin(set(history["user_id"]))]  # cold-start users are measured elsewhere
     if history.empty or test.empty:
         raise DataError(f"cannot freeze an evaluation set at cutoff {cutoff}: "
-                        f"{len(history)} history and {len(test)} test interactions of known users")
+                        f"{len(history)} history and {len(test)} test interactions of known users "
+                        "(the lake needs the days before the cutoff: backfill them first, e.g. with retrain=false)")
     users = np.sort(test["user_id"].unique())
     n = settings.registry.eval_max_users
     if len(users) > n:
@@ -791,9 +792,11 @@ def list_versions(settings: Settings, names: list[str] | None = None) -> list[di
             metrics = {}
             for m in keys:
                 mk = metric_key(m)
-                val = run_metrics.get(mk, run_metrics.get(f"test_{mk}", run_metrics.get(f"test.{mk}")))
-                if val is None and f"gate.candidate.{mk}" in mv.tags:
-                    val = float(mv.tags[f"gate.candidate.{mk}"])
+                # the gate's numbers first: measured on a frozen set, so comparable across versions
+                val = float(mv.tags[f"gate.candidate.{mk}"]) if f"gate.candidate.{mk}" in mv.tags else None
+                for key in (f"gate_{mk}", mk, f"two_stage_{mk}"):
+                    if val is None:
+                        val = run_metrics.get(key)
                 metrics[m] = val
             tags = {**run_tags, **mv.tags}
             rows.append({

@@ -207,16 +207,19 @@ def test_failed_validation_stops_before_training(dagbag, recsys_env, tmp_path):
 @pytest.mark.slow
 def test_training_pipeline_end_to_end(dagbag, recsys_env):
     """ingest -> validate -> features -> train -> evaluate -> register -> promote, for real."""
-    pytest.importorskip("pipelines.train", reason="pipelines.train.train_two_tower has not landed yet")
-    try:
-        import pipelines.train_ranker  # noqa: F401
-    except ImportError:
-        pytest.skip("pipelines.train_ranker.train_ranker has not landed yet: the DAG's train_ranker task calls it")
     try:
         from models.two_stage import pipeline_from_artifacts, pipeline_recommender  # noqa: F401
-    except ImportError:
-        pytest.skip("models.two_stage.pipeline_from_artifacts / pipeline_recommender have not landed yet: "
-                    "the gate measures a ranker behind the retrieval model through them")
+        ranker_gated = True
+    except ImportError:  # until models.two_stage offers them, the gate records it cannot judge the ranker
+        ranker_gated = False
+    from core.synthetic import generate
+    from pipelines.ingest import ingest
+
+    # earlier days' runs filled the lake; this run ingests, validates and trains for the last day
+    s = recsys_env
+    ds = generate(n_users=200, n_items=120, n_events=6000, n_days=14, seed=s.data.seed)
+    for d in sorted({t.date() for t in ds.events["timestamp"]} - {date(2024, 1, 14)}):
+        ingest("synthetic", settings=s, day=d, dataset=ds)
     import mlflow
 
     dag = dagbag.dags["training_pipeline"]
@@ -230,7 +233,8 @@ def test_training_pipeline_end_to_end(dagbag, recsys_env):
         assert len(versions) == 1
         mv = client.get_model_version(name, versions[0].version)
         assert mv.tags["data_window_end"] == "2024-01-11" and mv.tags["eval_set"].startswith("2024-01-12_")
-        assert mv.tags["gate.outcome"] in ("promoted", "refused"), mv.tags
+        expected = ("promoted", "refused") if name == reg.retrieval_model or ranker_gated else ("not_evaluated",)
+        assert mv.tags["gate.outcome"] in expected, mv.tags
     champion = client.get_model_version_by_alias(reg.retrieval_model, "champion")
     assert champion.tags["gate.outcome"] == "promoted"
     # the same logical date again: nothing retrained, nothing registered twice
