@@ -21,7 +21,10 @@ H = {"X-API-Key": KEY}
 def _settings(root: Path, **serving):
     from core.config import load_settings
 
-    srv = {"api_key": KEY, "registry_poll_s": 1.0, **serving}
+    # generous budgets: tests check behaviour, not speed (a loaded CI machine must not turn
+    # model answers into timeout fallbacks); timeouts are exercised by their own test
+    srv = {"api_key": KEY, "registry_poll_s": 1.0, "total_budget_ms": 10_000, "model_budget_ms": 8_000,
+           "features_budget_ms": 4_000, **serving}
     return load_settings(root=root, environ={}, overrides={"environment": "test", "serving": srv})
 
 
