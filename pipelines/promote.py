@@ -215,6 +215,26 @@ def load_eval_set(settings: Settings, version: str | None = None) -> EvalSet:
     return EvalSet(version, folder, manifest["cutoff"], manifest["end"], manifest["sha256"], *frames)
 
 
+def eval_set_for(settings: Settings, *, explicit: str | None, training_end: str | None) -> EvalSet:
+    """The evaluation set a promotion uses: the one named (by the caller or the version's
+    ``eval_set`` tag); else one starting the day after the candidate's training data ends (so a
+    model trained outside the DAG, e.g. by ``recsys train``, is judged on data it never saw);
+    else the latest frozen one (the leakage check then says if it overlaps)."""
+    if explicit:
+        return load_eval_set(settings, explicit)
+    from core.lake import Lake
+
+    days = Lake(settings.paths.lake_dir).partitions()
+    if training_end and days:
+        cutoff = date.fromisoformat(training_end) + timedelta(days=1)
+        if cutoff <= days[-1]:
+            return freeze_eval_set(settings, cutoff=max(cutoff, days[-1] - timedelta(days=settings.registry.eval_test_days * 4)),
+                                   end=days[-1])
+    if (eval_set_root(settings) / "LATEST").is_file():
+        return load_eval_set(settings)
+    return freeze_eval_set(settings)
+
+
 # ---- measuring a model on the set --------------------------------------------------------------
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -685,21 +705,19 @@ def promote(
     version = str(version)
     client = _client(settings)
     mv = _check_model(settings, client, name, version)
-    es_name = eval_set or mv.tags.get(TAG_EVAL_SET) or None
-    es = load_eval_set(settings, es_name) if es_name or (eval_set_root(settings) / "LATEST").is_file() \
-        else freeze_eval_set(settings)
     champion_v = _alias_version(client, name, reg.champion_alias)
     if champion_v == version and alias == reg.champion_alias:
         raise PromotionError(f"{name} version {version} is already the {reg.champion_alias}")
-    space = _space(es)
     cand_model, art_c = load_version(settings, name, version)
+    training_end = training_window_end(mv.tags, art_c.metadata)
+    es = eval_set_for(settings, explicit=eval_set or mv.tags.get(TAG_EVAL_SET), training_end=training_end)
+    space = _space(es)
     candidate = measure(cand_model, *_id_maps(cand_model, art_c), es, settings, space=space)
     champion = None
     if champion_v is not None:
         champ_model, art_h = load_version(settings, name, champion_v)
         champion = measure(champ_model, *_id_maps(champ_model, art_h), es, settings, space=space)
     baseline = popularity_baseline(es, settings, space=space)
-    training_end = training_window_end(mv.tags, art_c.metadata)
     checks = evaluate_checks(candidate, champion, baseline, settings, alias=alias,
                              training_end=training_end, eval_cutoff=es.cutoff)
     failed = [c for c in checks if not c.passed]

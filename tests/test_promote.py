@@ -46,7 +46,7 @@ def _register_kind():
     register_kind(KIND, config_cls=Cfg, builder=_ItemItemScorer)
 
 
-def _artifact(kind_name, data, *, b=None, bias=None, window_end="2024-01-07"):
+def _artifact(kind_name, data, *, b=None, bias=None, window_end="2024-01-10"):
     from models.artifacts import Artifact
 
     x = data.csr()
@@ -265,3 +265,29 @@ def test_cli_list_promote_refusal_and_force_rules(world, monkeypatch):
     assert any(r["version"] == v and r["gate"] == "refused" for r in __import__("json").loads(res.output))
     res = runner.invoke(app, ["models", "list"])
     assert res.exit_code == 0 and "refused" in res.output
+
+
+def test_eval_set_follows_the_candidates_training_window(world):
+    """A model trained outside the DAG is judged on the days after its training data."""
+    s, es = world["settings"], world["es"]
+    later = P.eval_set_for(s, explicit=None, training_end="2024-01-08")
+    assert (later.cutoff, later.end) == ("2024-01-09", "2024-01-14")
+    assert P.eval_set_for(s, explicit=None, training_end="2024-01-10").version == es.version
+    assert P.eval_set_for(s, explicit=es.version, training_end="2024-01-12").version == es.version
+    # trained through the lake's end: nothing unseen is left; the latest set (and the leakage check) decide
+    assert P.eval_set_for(s, explicit=None, training_end="2024-01-14").version == es.version
+    assert P.training_window_end({}, {"data_window": "2024-01-01T00:00:00+00:00..2024-01-10T23:59:00+00:00"}) == "2024-01-10"
+    assert P.training_window_end({"data_window_end": "2024-01-05"}, {"data_window": {"end": "2024-01-09"}}) == "2024-01-05"
+
+
+@pytest.mark.slow
+def test_demo_step_gates_the_newest_versions(world):
+    from pipelines.demo import DemoState
+
+    s = world["settings"]
+    v = _register(s, s.registry.retrieval_model, world["weak"])
+    state = DemoState()
+    line = P.step_promote(s, state)
+    assert f"two_tower v{v}: refused (" in line and "sanity.beats_popularity" in line
+    assert "ranker: no registered version" in line
+    assert state.values["promotions"]["two_tower"]["outcome"] == "refused"
