@@ -63,6 +63,7 @@ def plan_run(
     from pipelines.cli_up import orchestration
 
     conf = dict(conf or {})
+    run_type = normalise_run_type(run_type)
     orch = orchestration(settings)
     day = _day(conf.get("day"))
     if day is None and run_type in (None, "scheduled", "backfill"):
@@ -79,6 +80,15 @@ def plan_run(
         "epochs": int(conf["epochs"]) if conf.get("epochs") else None,
     }
     return _with_windows(plan) if day else plan
+
+
+def normalise_run_type(run_type: Any) -> str | None:
+    """``DagRunType.BACKFILL_JOB`` / ``"backfill"`` / ``"DagRunType.SCHEDULED"`` -> ``backfill`` / ``scheduled``."""
+    value = getattr(run_type, "value", run_type)
+    if not value:
+        return None
+    text = str(value).lower().rsplit(".", 1)[-1]
+    return "backfill" if text == "backfill_job" else text
 
 
 def _with_windows(plan: dict[str, Any]) -> dict[str, Any]:

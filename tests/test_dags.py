@@ -242,3 +242,14 @@ def test_training_pipeline_end_to_end(dagbag, recsys_env):
     assert str(run.state) == "success", states
     for name in (reg.retrieval_model, reg.ranking_model):
         assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+
+def test_run_types_from_the_task_context_are_normalised(airflow_home):
+    from airflow.utils.types import DagRunType
+
+    from pipelines.flow import normalise_run_type
+
+    assert normalise_run_type(DagRunType.SCHEDULED) == "scheduled"
+    assert normalise_run_type(DagRunType.BACKFILL_JOB) == "backfill"
+    assert normalise_run_type("DagRunType.SCHEDULED") == "scheduled"
+    assert normalise_run_type("asset_triggered") == "asset_triggered" and normalise_run_type(None) is None
