@@ -97,8 +97,11 @@ def _online_store(settings: Any, *, requests: int, seed: int) -> dict[str, Any]:
         client.user_features(user_seq[i], now=now)
         client.item_features(cand_seq[i % 64], now=now)
 
+    rounds = [_time(request, max(100, requests // 3)) for _ in range(3)]  # spread across rounds, not one number
     out: dict[str, Any] = {
         "request_user_feast_plus_500_items_in_process": _time(request, requests),
+        "request_rounds_p99_ms": [r["p99_ms"] for r in rounds],
+        "request_rounds_cpu_p99_ms": [r["cpu_p99_ms"] for r in rounds],
         "user_only_feast": _time(lambda i: client.user_features(user_seq[i], now=now), requests),
         "items_500_in_process": _time(lambda i: client.item_features(cand_seq[i % 64], now=now), requests),
         "items_500_via_feast": _time(lambda i: client.items_via_feast(cand_seq[i % 64]), max(30, requests // 20), warmup=3),
@@ -300,8 +303,15 @@ def _write(out: Path, online: dict[str, Any], historical: dict[str, Any], t0: fl
         "sqlite_online_p99_ms": online["sqlite"][req]["p99_ms"],
         "redis_online_p99_ms": online["redis"][req]["p99_ms"],
         "redis_floor_p99_ms": online["redis_floor"]["mget_user_plus_500_items"]["p99_ms"],
+        "sqlite_online_cpu_p99_ms": online["sqlite"][req]["cpu_p99_ms"],
+        "redis_online_cpu_p99_ms": online["redis"][req]["cpu_p99_ms"],
+        "redis_online_p50_ms": online["redis"][req]["p50_ms"],
         "target_p99_ms": 3.0,
         "meets_target": online["redis"][req]["p99_ms"] <= 3.0,
+        "meets_target_cpu": online["redis"][req]["cpu_p99_ms"] <= 3.0,
+        "note": "Shared 2-core machine (load_avg_1m is recorded beside every measurement): wall-clock tails are "
+                "dominated by waiting for a core, as the plain MGET floor's own p99 shows; cpu_p99_ms is the "
+                "request's own cost. Re-run on an idle machine for wall-clock p99.",
         "what_a_request_reads": "1 user through Feast (2 views, cache off) + 500 random candidates from the "
                                 "in-process item table (loaded from the online store after materialisation)",
         "online": online,

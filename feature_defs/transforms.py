@@ -32,6 +32,7 @@ def _connect() -> Any:
 
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")  # day boundaries are UTC days, as in the lake's partitions
+    con.execute("SET enable_progress_bar = false")  # DuckDB draws bars straight to the terminal
     return con
 
 

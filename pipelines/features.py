@@ -273,6 +273,7 @@ def materialize(*, settings: Settings, end: date | datetime | None = None, quiet
         con = duckdb.connect()
         try:
             con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET enable_progress_bar = false")
             row = con.execute(
                 f"SELECT count(*), count(DISTINCT {key}), min({S.TS}) FROM read_parquet('{path.as_posix()}') "
                 f"WHERE {S.TS} <= $end AND ($start IS NULL OR {S.TS} > $start)",
@@ -358,6 +359,7 @@ def training_set(
         raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
     df["_row"] = np.arange(len(df), dtype=np.int64)
     store = store or feature_store(settings)
+    _quiet_duckdb_backend()
     features = store.get_feature_service(service)
     step = len(df) if not chunk_rows else chunk_rows
     parts = [store.get_historical_features(entity_df=df.iloc[i:i + step], features=features).to_df()
@@ -369,6 +371,15 @@ def training_set(
         derive_user_features(out, out[S.TS])
         derive_item_features(out, out[S.TS])
     return out
+
+
+def _quiet_duckdb_backend() -> None:
+    """Feast's duckdb offline store runs on ibis' default DuckDB connection, whose progress bar
+    is drawn straight to the terminal (not through Python's streams); switch it off."""
+    with contextlib.suppress(Exception):
+        import ibis
+
+        ibis.get_backend().raw_sql("SET enable_progress_bar = false")
 
 
 # ---- online ------------------------------------------------------------------------------------
@@ -418,15 +429,16 @@ class OnlineFeatureClient:
       that logs an event sees it at once; *other* processes see it when their cache entry
       expires (at most the TTL later).
     - :meth:`item_features` gathers candidates from an in-process :class:`ItemTable` (numpy
-      arrays; 500 candidates in ~0.1 ms). Reading 500 items through Feast would cost ~30 ms.
+      arrays; 500 candidates in ~0.15 ms). Reading 500 items through Feast costs ~60 ms of CPU
+      (``benchmarks/results/features.json``), far over a 3 ms budget.
       The table is loaded from the online store at start and reloaded when a newer
       materialisation of the item views appears in the registry (:meth:`refresh_items`, or
       a background thread from :meth:`start_auto_refresh`); item features are therefore as
       stale as the last materialisation (daily snapshots), plus up to
       ``features.item_refresh_interval_s``.
     - :meth:`apply_events` folds new events into the users' stored features and writes them
-      with ``write_to_online_store`` (not ``push``, which rebuilds views from the registry on
-      every call), so the next request sees them.
+      through Feast's online write path with the views resolved once (``write_to_online_store``
+      and ``push`` re-read the registry on every call), so the next request sees them.
 
     Thread-safe for reads; ``apply_events`` should be called for a given user from one place
     at a time (route events by user), as the read-modify-write is not atomic across processes.
@@ -455,7 +467,6 @@ class OnlineFeatureClient:
         self.category_vocab: list[str] = json.loads(activity.tags.get(VOCAB_TAG, "[]"))
         self._vocab_index = {c: i for i, c in enumerate(self.category_vocab)}
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
         self._items: ItemTable | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -520,7 +531,8 @@ class OnlineFeatureClient:
 
     def refresh_items(self, *, force: bool = False) -> bool:
         """Reload the item table if the registry shows a newer item materialisation (or ``force``).
-        Returns whether it reloaded. Runs off the request path (a few ms per thousand items)."""
+        Returns whether it reloaded. Runs off the request path: it reads every item through
+        Feast in chunks (~0.1-0.3 s per thousand items), then swaps the table in one assignment."""
         from feature_defs.definitions import table_path
 
         self.store.refresh_registry()

@@ -264,16 +264,17 @@ def test_training_set_is_point_in_time_correct(store_settings) -> None:
     assert stats.loc[1, "item_events_total"] > stats.loc[0, "item_events_total"]
 
 
-def test_training_set_rejects_bad_entity_frames(store_settings) -> None:
+def test_training_set_rejects_bad_entity_frames(settings) -> None:
+    """Checked before anything is read, so no store is needed."""
     from pipelines.features import training_set
 
     with pytest.raises(DataError, match="event_timestamp"):
-        training_set(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}), settings=store_settings)
+        training_set(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}), settings=settings)
     with pytest.raises(DataError, match="item_id"):
-        training_set(pd.DataFrame({"user_id": ["u1"], "event_timestamp": [ts("2024-01-02")]}), settings=store_settings)
+        training_set(pd.DataFrame({"user_id": ["u1"], "event_timestamp": [ts("2024-01-02")]}), settings=settings)
     with pytest.raises(ValueError, match="unknown feature service"):
         training_set(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "event_timestamp": [ts("2024-01-02")]}),
-                     settings=store_settings, service="ranker_v9")
+                     settings=settings, service="ranker_v9")
 
 
 def test_build_refuses_an_empty_lake(settings) -> None:
@@ -347,6 +348,7 @@ def test_apply_events_is_visible_immediately(store_settings, materialized) -> No
     assert sum(new_user["user_category_counts"]) == float(len(client.items.categories[client.items.index["i8"]]))
 
 
+@pytest.mark.slow  # importing Feast alone takes seconds
 def test_feastignore_leaves_only_the_declarations_module() -> None:
     from feast.repo_operations import get_repo_files
 
