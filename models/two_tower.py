@@ -70,7 +70,7 @@ class TwoTowerConfig(BaseModel):
     n_items: int = Field(ge=1)
     embedding_dim: int = Field(64, ge=2, description="Id tables (user, item, history).")
     feature_dim: int = Field(16, ge=2, description="Side-feature tables (categories, buckets, profile).")
-    tower_hidden: list[int] = Field(default_factory=lambda: [256])
+    tower_hidden: list[int] = Field(default_factory=list)
     output_dim: int = Field(64, ge=2)
     use_user_id: bool = True
     history_len: int = Field(50, ge=0, description="History items sampled per training example.")
@@ -81,12 +81,12 @@ class TwoTowerConfig(BaseModel):
     vocabularies: dict[str, list[str]] = Field(default_factory=dict, description="categorical values; index = position + 1")
     age_bucket_start_year: int | None = None
     # training
-    temperature: float = Field(0.07, gt=0)
-    logq_weight: float = Field(1.0, ge=0, le=1, description="0 = no popularity correction, 1 = full logQ.")
-    random_negatives: int = Field(512, ge=0)
+    temperature: float = Field(0.15, gt=0)
+    logq_weight: float = Field(0.0, ge=0, le=1, description="0 = no popularity correction, 1 = full logQ.")
+    random_negatives: int = Field(256, ge=0)
     batch_size: int = Field(1024, ge=2)
     epochs: int = Field(20, ge=1)
-    embedding_lr: float = Field(0.05, gt=0)
+    embedding_lr: float = Field(0.2, gt=0)
     dense_lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(3, ge=0, description="Epochs without validation gain before stopping; 0 = never stop early.")
@@ -460,24 +460,25 @@ class TwoTowerRetrieval:
 
     def recommend(self, user_ids: list[str], *, k: int = 20, histories: list[list[str]] | None = None,
                   exclude_history: bool = True) -> list[tuple[list[str], list[float]]]:
-        """Top ``k`` (item ids, scores) per user via the FAISS index. Unknown users need a history."""
+        """Top ``k`` (item ids, scores) per user via the FAISS index.
+
+        ``histories`` are recent item ids per user (e.g. real-time events not yet in the
+        training data): appended to a known user's training history, or the whole history of
+        a user the model has never seen. Unknown item ids in them are ignored; an unknown user
+        with no known history item is an error naming the user."""
         idx = self.users.encode(user_ids, unknown="minus_one")
-        hist_idx = None
-        if histories is not None:
-            hist_idx = [[int(i) for i in self.items.encode(h, unknown="minus_one") if i >= 0] for h in histories]
+        recent = [[] for _ in user_ids] if histories is None else \
+            [[int(i) for i in self.items.encode(list(h), unknown="minus_one") if i >= 0] for h in histories]
+        if len(recent) != len(user_ids):
+            raise DataError(f"{len(user_ids)} users but {len(recent)} histories")
         for pos in np.flatnonzero(idx < 0):
-            if hist_idx is None or not hist_idx[pos]:
+            if not recent[pos]:
                 raise DataError(f"unknown user_id {user_ids[pos]!r} and no known items in its history")
-        if hist_idx is None and not (idx >= 0).all():
-            raise DataError("unknown user ids")
-        vecs = self.user_vectors(idx, hist_idx)
-        seen = []
-        for r, u in enumerate(idx):
-            s = set(hist_idx[r]) if hist_idx is not None else set()
-            if u >= 0:
-                f = self.features
-                s |= set(f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist())
-            seen.append(s if exclude_history else set())
+        f = self.features
+        full = [(f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist() if u >= 0 else []) + r
+                for u, r in zip(idx, recent)]
+        vecs = self.user_vectors(idx, full)
+        seen = [set(h) if exclude_history else set() for h in full]
         extra = max((len(s) for s in seen), default=0)
         scores, found = self.index.search(vecs.astype(np.float32), min(k + extra, self.config.n_items))
         out = []
@@ -555,10 +556,10 @@ def load_faiss_index(data: np.ndarray, config: TwoTowerConfig):
 
 def _signature():
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id")]),
+        inputs=Schema([ColSpec("string", "user_id"), ColSpec(Array("string"), "history", required=False)]),
         outputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "item_id"), ColSpec("float", "score"),
                         ColSpec("long", "rank")]),
         params=ParamSchema([ParamSpec("k", "long", 20)]),

@@ -66,10 +66,11 @@ def two_tower_params(settings: Settings, **overrides: Any) -> dict[str, Any]:
     The evaluator (``pipelines.evaluate``) calls this too, so a benchmark trains the same model
     the pipeline does."""
     t = settings.training.effective()
+    tt = t.two_tower.model_dump()
     params: dict[str, Any] = {
         "seed": t.seed, "embedding_dim": t.embedding_dim, "batch_size": t.batch_size, "epochs": t.epochs,
-        "embedding_lr": t.learning_rate, "eval_k": 10 if 10 in t.eval_ks else min(t.eval_ks),
-        **t.two_tower.model_dump(),
+        "eval_k": 10 if 10 in t.eval_ks else min(t.eval_ks), **tt,
+        "embedding_lr": tt["embedding_lr"] if tt["embedding_lr"] is not None else t.learning_rate,
     }
     params.update({k: v for k, v in overrides.items() if v is not None})
     return params

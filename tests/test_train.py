@@ -47,7 +47,15 @@ def test_train_logs_registers_and_reproduces(settings, tiny_dataset):
     mv = client.get_model_version_by_alias("two_tower", "candidate")
     assert str(mv.version) == "1"
     model_info = mlflow.models.get_model_info("models:/two_tower/1")
-    assert [c["name"] for c in model_info.signature.inputs.to_dict()] == ["user_id"]
+    assert [c["name"] for c in model_info.signature.inputs.to_dict()] == ["user_id", "history"]
+
+    # the pyfunc flavour serves top-k, optionally from a real-time history
+    pyf = mlflow.pyfunc.load_model("models:/two_tower/1")
+    items = list(tiny_dataset.events["item_id"].unique()[:2])
+    user = tiny_dataset.events["user_id"].iloc[0]
+    recs = pyf.predict(pd.DataFrame({"user_id": [user, "brand-new"], "history": [[], items]}), params={"k": 3})
+    assert recs.groupby("user_id")["rank"].apply(list).to_dict() == {user: [1, 2, 3], "brand-new": [1, 2, 3]}
+    assert not set(recs[recs["user_id"] == "brand-new"]["item_id"]) & set(items)
 
     # serving's path: registry -> artifact -> same scores as the metrics were computed with
     art = load_from_registry("models:/two_tower@candidate", settings)
@@ -131,3 +139,19 @@ def test_cli_two_tower_trains(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["registered_version"] is None and result["epochs_run"] == 1
     assert pd.notna(result["test_metrics"]["recall@10"])
+
+
+@pytest.mark.slow
+def test_demo_step_trains_on_the_lake_and_registers(tmp_path, tiny_dataset):
+    from core.config import load_settings
+    from pipelines.demo import DemoState
+    from pipelines.ingest import ingest
+    from pipelines.train import step_train_two_tower
+
+    settings = load_settings(root=tmp_path, environ={}, overrides={
+        "environment": "test", "training": {"epochs": 1, "embedding_dim": 16, "two_tower": {"output_dim": 16}}})
+    ingest("synthetic", settings=settings, dataset=tiny_dataset)
+    state = DemoState(source="synthetic")
+    line = step_train_two_tower(settings, state)
+    assert "registered two_tower v1" in line and "recall@10" in line
+    assert state.values["two_tower_version"] == "1"
