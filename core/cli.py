@@ -25,10 +25,14 @@ COMMAND_GROUPS: list[tuple[str, str]] = [
     ("validate", "pipelines.cli_validate"),
     ("features", "pipelines.cli_features"),
     ("models", "pipelines.cli_models"),
-    ("eventlog", "serving.cli"),
+    ("evaluate", "pipelines.cli_evaluate"),
+    ("serving", "serving.cli"),
 ]
 #: Groups assembled from several modules' commands (each module owns its commands).
-MERGED_GROUPS: dict[str, tuple[str, list[str]]] = {}
+MERGED_GROUPS: dict[str, tuple[str, list[str]]] = {
+    "train": ("Train models: two-tower retrieval, DLRM ranker (MLflow-tracked).",
+              ["pipelines.cli_train", "pipelines.cli_train_ranker"]),
+}
 #: Top-level commands: (module, function name).
 TOP_LEVEL_COMMANDS: list[tuple[str, str]] = [
     ("pipelines.demo", "demo_command"),

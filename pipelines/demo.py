@@ -80,12 +80,34 @@ def step_synthetic(settings: Settings, state: DemoState) -> str:
 
 
 Step = Callable[[Settings, DemoState], str]
+
+
+def _lazy(module: str, func: str) -> Step:
+    """A step living in another package, imported only when the demo reaches it."""
+
+    def run(settings: Settings, state: DemoState) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(settings, state)
+
+    run.__name__ = func
+    return run
+
+
 STEPS: list[tuple[str, Step]] = [
     ("fetch", step_fetch),
     ("ingest", step_ingest),
     ("lake", step_lake_stats),
+    ("validate", _lazy("pipelines.validate", "step_validate")),
     ("splits", step_splits),
     ("synthetic", step_synthetic),
+    ("features", _lazy("pipelines.features", "step_features")),
+    ("baselines", _lazy("pipelines.evaluate", "step_evaluate")),
+    ("two-tower", _lazy("pipelines.train", "step_train_two_tower")),
+    ("ranker", _lazy("pipelines.train_ranker", "step_train_ranker")),
+    ("two-stage", _lazy("pipelines.train_ranker", "step_two_stage")),
+    ("promote", _lazy("pipelines.promote", "step_promote")),
+    ("serve", _lazy("serving.demo", "step_serve")),
 ]
 
 
