@@ -82,7 +82,7 @@ class TwoTowerConfig(BaseModel):
     age_bucket_start_year: int | None = None
     # training
     temperature: float = Field(0.15, gt=0)
-    logq_weight: float = Field(0.0, ge=0, le=1, description="0 = no popularity correction, 1 = full logQ.")
+    logq_weight: float = Field(1.0, ge=0, le=1, description="0 = no popularity correction, 1 = full logQ.")
     random_negatives: int = Field(256, ge=0)
     batch_size: int = Field(1024, ge=2)
     epochs: int = Field(20, ge=1)
@@ -475,8 +475,10 @@ class TwoTowerRetrieval:
             if not recent[pos]:
                 raise DataError(f"unknown user_id {user_ids[pos]!r} and no known items in its history")
         f = self.features
-        full = [(f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist() if u >= 0 else []) + r
-                for u, r in zip(idx, recent)]
+        # stored + recent, each item once at its latest position (online features often repeat stored items)
+        full = [list(reversed(dict.fromkeys(reversed(
+            (f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist() if u >= 0 else []) + r))))
+            for u, r in zip(idx, recent)]
         vecs = self.user_vectors(idx, full)
         seen = [set(h) if exclude_history else set() for h in full]
         extra = max((len(s) for s in seen), default=0)
