@@ -475,10 +475,10 @@ class TwoTowerRetrieval:
             if not recent[pos]:
                 raise DataError(f"unknown user_id {user_ids[pos]!r} and no known items in its history")
         f = self.features
-        # stored + recent, each item once at its latest position (online features often repeat stored items)
-        full = [list(reversed(dict.fromkeys(reversed(
-            (f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist() if u >= 0 else []) + r))))
-            for u, r in zip(idx, recent)]
+        stored = [f.hist_items[f.hist_indptr[u]:f.hist_indptr[u + 1]].tolist() if u >= 0 else [] for u in idx]
+        # stored + recent, a recent item once at its latest position (online features often repeat
+        # stored items); without recent items the vector is exactly the one score() uses
+        full = [_merge_history(s, r) for s, r in zip(stored, recent)]
         vecs = self.user_vectors(idx, full)
         seen = [set(h) if exclude_history else set() for h in full]
         extra = max((len(s) for s in seen), default=0)
@@ -500,6 +500,13 @@ class TwoTowerRetrieval:
         recs = self.recommend(users, k=k, histories=histories)
         rows = [(u, item, score, rank + 1) for u, (its, scs) in zip(users, recs) for rank, (item, score) in enumerate(zip(its, scs))]
         return pd.DataFrame(rows, columns=["user_id", "item_id", "score", "rank"])
+
+
+def _merge_history(stored: list[int], recent: list[int]) -> list[int]:
+    if not recent:
+        return stored
+    fresh = set(recent)
+    return [i for i in stored if i not in fresh] + list(dict.fromkeys(recent))
 
 
 def user_vectors(model: TwoTower, builder: FeatureBuilder, user_idx: np.ndarray, *,
