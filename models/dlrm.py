@@ -26,7 +26,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -692,6 +692,9 @@ def _artifact_config_cls():
         categories: list[str] = []
         sparse_features: list[str] = list(SPARSE_FEATURES)
         dense_features: list[str] = []
+        #: the two-stage pipeline around the ranker (candidate sources, quotas, candidate count), written
+        #: by ``models.two_stage.pipeline_artifact``; its arrays are ``src__<source>__*`` / ``ts_history_*``
+        two_stage: Optional[dict[str, Any]] = None
 
     return DLRMArtifactConfig
 

@@ -125,6 +125,18 @@ class PopularSource:
         src.order = np.argsort(-src.counts, kind="stable")
         return src
 
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(spec, arrays) to save in the ranker artifact (see :func:`pipeline_artifact`)."""
+        assert self.counts is not None, "fit() first"
+        return {"type": "popular"}, {"counts": self.counts}
+
+    @classmethod
+    def from_parts(cls, spec: dict[str, Any], arrays: dict[str, np.ndarray], n_items: int) -> "PopularSource":
+        counts = np.asarray(arrays["counts"], dtype=np.float32)
+        if counts.shape != (n_items,):
+            raise TwoStageError(f"popular source: {counts.shape[0]} counts for a catalog of {n_items} items")
+        return cls.from_counts(counts)
+
     def retrieve(self, user_idx, history, n, *, exclude=None):
         assert self.order is not None and self.counts is not None, "fit() first"
         b = len(user_idx)
@@ -160,6 +172,25 @@ class CoVisitationSource:
         self.sim = _prune_rows(sim, self.neighbours)
         return self
 
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(spec, arrays): the pruned neighbour matrix as CSR arrays (no training data needed to rebuild)."""
+        assert self.sim is not None, "fit() first"
+        sim = self.sim.tocsr()
+        return ({"type": "covisit", "neighbours": self.neighbours, "alpha": self.alpha, "shrink": self.shrink},
+                {"indptr": sim.indptr.astype(np.int64), "indices": sim.indices.astype(np.int32),
+                 "data": sim.data.astype(np.float32)})
+
+    @classmethod
+    def from_parts(cls, spec: dict[str, Any], arrays: dict[str, np.ndarray], n_items: int) -> "CoVisitationSource":
+        src = cls(neighbours=int(spec.get("neighbours", 200)), alpha=float(spec.get("alpha", 0.5)),
+                  shrink=float(spec.get("shrink", 10.0)))
+        indptr = np.asarray(arrays["indptr"])
+        if len(indptr) != n_items + 1:
+            raise TwoStageError(f"covisit source: neighbour matrix has {len(indptr) - 1} rows, catalog has {n_items} items")
+        src.sim = sp.csr_matrix((np.asarray(arrays["data"], np.float32), np.asarray(arrays["indices"]), indptr),
+                                shape=(n_items, n_items))
+        return src
+
     def retrieve(self, user_idx, history, n, *, exclude=None):
         assert self.sim is not None, "fit() first"
         scores = (history @ self.sim).toarray()
@@ -180,36 +211,88 @@ def _prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
 
 class EmbeddingSource:
     """ANN retrieval over item embeddings (the two-tower's): FAISS inner product, exact for small
-    catalogs, HNSW above ``hnsw_above`` items. ``user_vectors(user_idx, history)`` gives the query
-    vectors (a table lookup offline, the user tower online)."""
+    catalogs, HNSW above ``hnsw_above`` items (or the model's own ``index``). ``user_vectors(user_idx,
+    history)`` gives the query vectors (a table lookup offline, the user tower online); it may
+    return ``(vectors, has_signal)`` so requests with nothing to personalise on retrieve nothing.
 
-    def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray | Callable[[np.ndarray, sp.csr_matrix], np.ndarray],
-                 *, name: str = "two_tower", hnsw_above: int = 200_000, ef_search: int = 256) -> None:
-        import faiss
+    ``item_ids`` maps the index's rows to this pipeline's item indices (``-1`` for items the
+    pipeline does not know, which are skipped), for a retrieval model trained on another catalog."""
 
+    def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray | Callable[[np.ndarray, sp.csr_matrix], Any],
+                 *, name: str = "two_tower", index: Any = None, item_ids: np.ndarray | None = None,
+                 hnsw_above: int = 200_000, ef_search: int = 256) -> None:
         self.name = name
         self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
         self._user = user_vectors
-        d = self.item_vectors.shape[1]
-        if len(self.item_vectors) > hnsw_above:
-            index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efSearch = ef_search
-        else:
-            index = faiss.IndexFlatIP(d)
-        index.add(self.item_vectors)
+        self.item_ids = None if item_ids is None else np.asarray(item_ids, dtype=np.int64)
+        if self.item_ids is not None and len(self.item_ids) != len(self.item_vectors):
+            raise TwoStageError(f"{name}: item_ids has {len(self.item_ids)} rows for {len(self.item_vectors)} item vectors")
+        self._unmapped = 0 if self.item_ids is None else int((self.item_ids < 0).sum())
+        if index is None:
+            import faiss
+
+            d = self.item_vectors.shape[1]
+            if len(self.item_vectors) > hnsw_above:
+                index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efSearch = ef_search
+            else:
+                index = faiss.IndexFlatIP(d)
+            index.add(self.item_vectors)
+        elif index.ntotal != len(self.item_vectors):
+            raise TwoStageError(f"{name}: the index holds {index.ntotal} vectors, item_vectors {len(self.item_vectors)}")
         self.index = index
 
-    def query_vectors(self, user_idx: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+    @classmethod
+    def from_retrieval(cls, retrieval: Any, *, users: IdMap, items: IdMap, name: str = "two_tower") -> "EmbeddingSource":
+        """The built two-tower servable (``models.two_tower.TwoTowerRetrieval``) as a source of a
+        pipeline whose ranker uses ``users`` / ``items``: ids are aligned by external id, the
+        FAISS index and item vectors are the model's own, and a user's query vector comes from
+        the user tower over the model's stored history plus any newer consumed items in the
+        request's history row (exactly the stored-history vector when there are none).
+        Users or items unknown to one side are skipped, never an error."""
+        item_ids = items.encode(retrieval.items.ids, unknown="minus_one")
+        if (item_ids < 0).all():
+            raise TwoStageError(f"{name}: the retrieval model knows none of the ranker's {len(items)} items "
+                                "(trained on another catalog?)")
+        local_to_model = retrieval.items.encode(items.ids, unknown="minus_one")
+        user_to_model = retrieval.users.encode(users.ids, unknown="minus_one")
+        feats = retrieval.features
+
+        def queries(user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+            u = np.asarray(user_idx, dtype=np.int64)
+            mu = np.where(u >= 0, user_to_model[np.maximum(u, 0)], -1)
+            h = sp.csr_matrix(history)
+            lists: list[list[int]] = []
+            signal = np.zeros(len(u), bool)
+            for r, m in enumerate(mu):
+                row = local_to_model[h.indices[h.indptr[r]:h.indptr[r + 1]]]
+                stored = feats.hist_items[feats.hist_indptr[m]:feats.hist_indptr[m + 1]].tolist() if m >= 0 else []
+                seen = set(stored)
+                lists.append(stored + [int(i) for i in row if i >= 0 and int(i) not in seen])
+                signal[r] = bool(lists[-1]) or m >= 0
+            return retrieval.user_vectors(mu, lists), signal
+
+        return cls(retrieval.item_vectors, queries, name=name, index=retrieval.index, item_ids=item_ids)
+
+    def query_vectors(self, user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         if callable(self._user):
-            return np.ascontiguousarray(self._user(user_idx, history), dtype=np.float32)
-        return np.ascontiguousarray(self._user[user_idx], dtype=np.float32)
+            out = self._user(user_idx, history)
+            vecs, signal = out if isinstance(out, tuple) else (out, np.ones(len(user_idx), bool))
+        else:
+            known = np.asarray(user_idx) >= 0
+            vecs, signal = self._user[np.where(known, user_idx, 0)], known
+        return np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(signal, bool)
 
     def retrieve(self, user_idx, history, n, *, exclude=None):
-        q = self.query_vectors(np.asarray(user_idx), history)
+        q, signal = self.query_vectors(np.asarray(user_idx), history)
         extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
-        depth = min(self.index.ntotal, n + extra)
+        depth = min(self.index.ntotal, n + extra + self._unmapped)
         scores, items = self.index.search(q, depth)
-        return _filter_ranked(items.astype(np.int64), scores.astype(np.float32), exclude, n)
+        items = items.astype(np.int64)
+        if self.item_ids is not None:
+            items = np.where(items >= 0, self.item_ids[np.maximum(items, 0)], -1)
+        items[~signal] = -1
+        return _filter_ranked(items, scores.astype(np.float32), exclude, n)
 
 
 class RecommenderSource:
@@ -311,7 +394,11 @@ class TwoStagePipeline:
         return tuple(s.name for s in self.sources)
 
     # -- stages -----------------------------------------------------------------------------
-    def _history_rows(self, user_idx: np.ndarray, history: sp.csr_matrix | None) -> sp.csr_matrix:
+    def history_rows(self, user_idx: np.ndarray, history: sp.csr_matrix | None = None) -> sp.csr_matrix:
+        """Consumed-items rows of a batch of requests, ``(len(user_idx), n_items)``: ``history`` as
+        given (checked), else the pipeline's stored history (training-time; serving's fallback
+        when online features are unavailable); unknown users (``-1``) get an empty row."""
+        user_idx = np.asarray(user_idx, dtype=np.int64)
         if history is not None:
             h = sp.csr_matrix(history)
             if h.shape != (len(user_idx), self.n_items):
@@ -326,6 +413,8 @@ class TwoStagePipeline:
         for r in np.flatnonzero(~known):  # unknown users have no history (rows only, not items)
             h.rows[r], h.data[r] = [], []
         return h.tocsr()
+
+    _history_rows = history_rows  # the name serving used before it was public
 
     def retrieve(self, user_idx: np.ndarray, history: sp.csr_matrix, *, exclude: sp.csr_matrix | None = None) -> Candidates:
         """Merged, de-duplicated candidates with per-source rank/score features."""
@@ -442,7 +531,7 @@ class TwoStagePipeline:
             raise TwoStageError(f"user index out of range [-1, {n_u}): {users[(users < -1) | (users >= n_u)][0]}")
         if blocked is not None and len(blocked) != len(users):
             raise TwoStageError(f"blocked must have one list per request ({len(users)}), got {len(blocked)}")
-        hist = self._history_rows(users, history)
+        hist = self.history_rows(users, history)
         cands = self.filter(self.retrieve(users, hist, exclude=hist), blocked=blocked)
         scores = self.rank(users, cands)
         share = self.max_category_share if max_category_share == "default" else max_category_share
@@ -620,18 +709,50 @@ class TwoStageRecommender:
         return self
 
     def score(self, user_idx: np.ndarray, *, k: int = 100, chunk: int = 512) -> np.ndarray:
+        """See :meth:`PipelineRecommender.score` (validation items are excluded as consumed)."""
+        if self.pipeline is None:
+            raise TwoStageError("two_stage: score() before fit()")
+        return PipelineRecommender(self.pipeline, also_exclude=self._also_consumed, k=k, chunk=chunk).score(user_idx)
+
+    def source_recommenders(self) -> list["SourceRecommender"]:
+        """Each fitted candidate source alone, as a Recommender (for the evaluator's table)."""
+        if self.pipeline is None:
+            raise TwoStageError("two_stage: source_recommenders() before fit()")
+        excl = self.pipeline.history if self._also_consumed is None else (self.pipeline.history + self._also_consumed).tocsr()
+        return [SourceRecommender(s, self.pipeline.history, self.pipeline.n_items, exclude=excl) for s in self.pipeline.sources]
+
+
+@dataclass
+class PipelineRecommender:
+    """A built :class:`TwoStagePipeline` seen as a :class:`models.base.Recommender` (``users`` /
+    ``items`` id maps, full-catalog ``score``) for the evaluator and the promotion gate: the same
+    retrieve -> filter -> rank -> post-process serving runs, on each user's stored history."""
+
+    pipeline: TwoStagePipeline
+    also_exclude: sp.csr_matrix | None = None  # consumed items that are not model inputs (e.g. validation)
+    k: int = 100
+    chunk: int = 512
+    name: str = "two_stage"
+
+    def __post_init__(self) -> None:
+        # plain attributes (callers may re-point them); the ranker's id maps index score()'s rows/columns
+        self.users: IdMap = self.pipeline.ranker.features.users
+        self.items: IdMap = self.pipeline.ranker.features.items
+
+    def fit(self, train: InteractionData, *, valid: InteractionData | None = None) -> "PipelineRecommender":
+        return self  # built from artifacts; evaluation only
+
+    def score(self, user_idx: np.ndarray) -> np.ndarray:
         """``(len(user_idx), n_items)``: the final top ``k`` (after post-processing) get scores above
         every other candidate in list order; other candidates keep their ranker score (so deeper
         cut-offs still see the ranker's order); non-candidates are ``-inf``."""
-        if self.pipeline is None:
-            raise TwoStageError("two_stage: score() before fit()")
+        p, k = self.pipeline, self.k
         users = np.asarray(user_idx, dtype=np.int64).ravel()
-        out = np.full((len(users), self.pipeline.n_items), -np.inf, dtype=np.float32)
-        p = self.pipeline
-        for s in range(0, len(users), chunk):
-            ub = users[s:s + chunk]
-            hist = p._history_rows(ub, None)
-            excl = hist if self._also_consumed is None else (hist + _rows_csr(self._also_consumed, ub)).tocsr()
+        out = np.full((len(users), p.n_items), -np.inf, dtype=np.float32)
+        for s in range(0, len(users), self.chunk):
+            ub = users[s:s + self.chunk]
+            hist = p.history_rows(ub, None)
+            excl = hist if self.also_exclude is None else (hist + _rows_csr(self.also_exclude, ub)).tocsr()
             cands = p.filter(p.retrieve(ub, hist, exclude=excl))
             sc = p.rank(ub, cands)
             out[s + cands.request, cands.item] = sc
@@ -641,12 +762,120 @@ class TwoStageRecommender:
                 out[s + rows, recs.items[rows, cols]] = 2.0 + (k - cols) / k
         return out
 
-    def source_recommenders(self) -> list["SourceRecommender"]:
-        """Each fitted candidate source alone, as a Recommender (for the evaluator's table)."""
-        if self.pipeline is None:
-            raise TwoStageError("two_stage: source_recommenders() before fit()")
-        excl = self.pipeline.history if self._also_consumed is None else (self.pipeline.history + self._also_consumed).tocsr()
-        return [SourceRecommender(s, self.pipeline.history, self.pipeline.n_items, exclude=excl) for s in self.pipeline.sources]
+
+def pipeline_recommender(pipeline: TwoStagePipeline, *, also_exclude: sp.csr_matrix | None = None,
+                         k: int = 100) -> PipelineRecommender:
+    """The Recommender view of a pipeline (what ``pipelines.promote`` measures)."""
+    return PipelineRecommender(pipeline, also_exclude=also_exclude, k=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence: the ranker artifact carries the whole pipeline except the retrieval model
+# ---------------------------------------------------------------------------------------------
+#: source ``type`` of sources supplied at rebuild time by the retrieval model (two-tower ANN)
+RETRIEVAL_SOURCE = "retrieval"
+
+
+def pipeline_artifact(pipeline: TwoStagePipeline, *, metadata: dict[str, Any] | None = None,
+                      feature_service_version: str | None = None, include_history: bool = True):
+    """The ranker artifact (kind ``dlrm``) of a fitted pipeline, with everything needed to rebuild
+    the pipeline with no training code: the DLRM and its feature tables, each non-embedding
+    source's arrays (co-visitation neighbour matrix, popularity counts), the quotas and candidate
+    count, and (``include_history``) the training-time consumed-items matrix, which is the
+    fallback history when the caller has none. Sources that wrap a model (the two-tower) are
+    recorded by name and type ``retrieval``: :func:`pipeline_from_artifacts` plugs the retrieval
+    artifact in their place."""
+    art = pipeline.ranker.to_artifact(metadata=metadata, feature_service_version=feature_service_version)
+    specs = []
+    for src in pipeline.sources:
+        to_parts = getattr(src, "to_parts", None)
+        spec, arrays = to_parts() if to_parts is not None else ({"type": RETRIEVAL_SOURCE}, {})
+        specs.append({"name": src.name, **spec})
+        art.arrays.update({f"src__{src.name}__{k}": v for k, v in arrays.items()})
+    if include_history and pipeline.history is not None:
+        h = sp.csr_matrix(pipeline.history)
+        art.arrays["ts_history_indptr"] = h.indptr.astype(np.int64)
+        art.arrays["ts_history_indices"] = h.indices.astype(np.int32)
+    two_stage = {"sources": specs, "quotas": {k: int(v) for k, v in pipeline.quotas.items()},
+                 "n_candidates": int(pipeline.n_candidates), "max_category_share": pipeline.max_category_share}
+    art.config = art.config.model_copy(update={"two_stage": two_stage})
+    return art
+
+
+def _history_in(history: Any, users: IdMap, items: IdMap) -> sp.csr_matrix:
+    """Consumed items as a (users x items) CSR in the ranker's index space. ``InteractionData`` in
+    other id maps is re-encoded by external id (unknown users/items dropped)."""
+    if isinstance(history, InteractionData):
+        if history.users == users and history.items == items:
+            return history.csr()
+        u = users.encode(history.users.decode(history.user_idx), unknown="minus_one")
+        i = items.encode(history.items.decode(history.item_idx), unknown="minus_one")
+        ok = (u >= 0) & (i >= 0)
+        m = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (u[ok], i[ok])), shape=(len(users), len(items)))
+        m.data[:] = 1.0
+        return m
+    m = sp.csr_matrix(history, dtype=np.float32)
+    if m.shape != (len(users), len(items)):
+        raise TwoStageError(f"history must be (n_users, n_items) = {(len(users), len(items))} in the ranker's "
+                            f"index space, got {m.shape}")
+    return m
+
+
+def pipeline_from_artifacts(retrieval: Any, ranker_artifact: Any, *, n_candidates: int | None = 500,
+                            history: Any = None, quotas: dict[str, int] | None = None,
+                            max_category_share: float | None | str = "saved", quantize: bool = False) -> TwoStagePipeline:
+    """Rebuild the serving pipeline from artifacts alone.
+
+    ``retrieval``: the built two-tower servable (``Artifact.build()`` of a ``two_tower`` artifact,
+    or the artifact itself), used as an :class:`EmbeddingSource` (its FAISS index and item
+    vectors, ids aligned with the ranker's by external id) for every source the ranker was
+    trained with as type ``retrieval``; may be ``None`` if the ranker has no such source.
+    ``ranker_artifact``: a ``dlrm`` artifact written by :func:`pipeline_artifact`.
+    ``history``: users' consumed items (``InteractionData`` or a CSR in the ranker's space); by
+    default the training-time history saved in the artifact. ``n_candidates=None`` keeps the
+    saved value."""
+    from models.dlrm import DLRMScorer
+
+    if getattr(ranker_artifact, "kind", None) != "dlrm":
+        raise TwoStageError(f"the ranker artifact must be of kind 'dlrm', got {getattr(ranker_artifact, 'kind', None)!r}")
+    cfg = ranker_artifact.typed_config()
+    spec = getattr(cfg, "two_stage", None)
+    if not spec:
+        raise TwoStageError("this ranker artifact has no candidate sources saved (written before the two-stage "
+                            "pipeline was part of the artifact): retrain the ranker")
+    if retrieval is not None and hasattr(retrieval, "kind") and hasattr(retrieval, "build"):
+        retrieval = retrieval.build()
+    scorer = DLRMScorer.from_artifact(ranker_artifact, quantize=quantize)
+    feats = scorer.features
+    arrays = ranker_artifact.arrays
+    sources: list[Any] = []
+    for s in spec["sources"]:
+        name, kind = s["name"], s["type"]
+        parts = {k[len(f"src__{name}__"):]: v for k, v in arrays.items() if k.startswith(f"src__{name}__")}
+        if kind == "popular":
+            sources.append(PopularSource.from_parts(s, parts, feats.n_items))
+        elif kind == "covisit":
+            sources.append(CoVisitationSource.from_parts(s, parts, feats.n_items))
+        elif kind == RETRIEVAL_SOURCE:
+            if retrieval is None:
+                raise TwoStageError(f"the ranker was trained with candidate source {name!r} from a retrieval model; "
+                                    "pass the built retrieval model")
+            sources.append(EmbeddingSource.from_retrieval(retrieval, users=feats.users, items=feats.items, name=name))
+        else:
+            raise TwoStageError(f"unknown candidate source type {kind!r} (source {name!r}) in the ranker artifact")
+        sources[-1].name = name
+    if history is not None:
+        hist = _history_in(history, feats.users, feats.items)
+    elif "ts_history_indptr" in arrays:
+        indices = np.asarray(arrays["ts_history_indices"])
+        hist = sp.csr_matrix((np.ones(len(indices), np.float32), indices, np.asarray(arrays["ts_history_indptr"])),
+                             shape=(feats.n_users, feats.n_items))
+    else:
+        hist = None
+    share = spec.get("max_category_share") if max_category_share == "saved" else max_category_share
+    return TwoStagePipeline(sources, scorer, {**spec["quotas"], **(quotas or {})},
+                            int(spec["n_candidates"] if n_candidates is None else n_candidates),
+                            history=hist, max_category_share=share)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -10,7 +10,10 @@ log-loss / calibration error on test candidates, and the whole pipeline's top-K 
 
 Every run is an MLflow run: params, per-epoch metrics, test metrics, a calibration plot, the
 model (a ``dlrm`` artifact, logged with a signature) registered as
-``settings.registry.ranking_model``.
+``settings.registry.ranking_model``. The artifact carries the whole pipeline but the retrieval
+model (co-visitation neighbours, popularity counts, quotas, training-time history; see
+:func:`models.two_stage.pipeline_artifact`), so serving and the promotion gate rebuild it with
+:func:`models.two_stage.pipeline_from_artifacts` from the two artifacts alone.
 """
 from __future__ import annotations
 
@@ -90,11 +93,11 @@ def train_ranker(
     from mlflow.models import infer_signature
 
     from core.tracking import configure_mlflow, git_commit, metric_key
-    from models.artifacts import log_artifact_model, model_cache_root, save_artifact
+    from models.artifacts import load_artifact, log_artifact_model, model_cache_root, save_artifact
     from models.dlrm import calibration_table, expected_calibration_error, log_loss, roc_auc
     from models.metrics import evaluate_recommender
-    from models.two_stage import RecommenderSource, TwoStageRecommender, candidate_examples
-    from pipelines.evaluate import build_model, prepare
+    from models.two_stage import EmbeddingSource, TwoStageRecommender, candidate_examples, pipeline_artifact
+    from pipelines.evaluate import prepare
     from pipelines.train import data_window
 
     seed = settings.training.seed if seed is None else seed
@@ -122,7 +125,9 @@ def train_ranker(
 
         extra = []
         if two_tower:
-            extra.append(RecommenderSource(build_model(two_tower, settings=settings, prepared=prepared), name="two_tower"))
+            # the retrieval model exactly as serving builds it (FAISS index, user tower over history)
+            retrieval = load_artifact(two_tower, settings=settings).build()
+            extra.append(EmbeddingSource.from_retrieval(retrieval, users=train.users, items=train.items, name="two_tower"))
         model = TwoStageRecommender(n_candidates=n_candidates, extra_sources=extra,
                                     items_frame=prepared.dataset.items if len(prepared.dataset.items) else None,
                                     positive_min_rating=positive_min_rating, negatives_per_user=negatives_per_user,
@@ -165,7 +170,8 @@ def train_ranker(
                     "git_commit": git_commit(settings.paths.root), "best_epoch": res.best_epoch,
                     "valid_metrics": res.metrics, "test_metrics": {**ranker_test, **pipeline_test},
                     "candidate_sources": list(pipe.source_names), "quotas": pipe.quotas, "sizes": prepared.sizes}
-        artifact = res.scorer.to_artifact(metadata=metadata, feature_service_version=feature_service_version)
+        # the whole pipeline but the retrieval model: serving rebuilds it with pipeline_from_artifacts
+        artifact = pipeline_artifact(pipe, metadata=metadata, feature_service_version=feature_service_version)
         example = res.scorer.input_example()
         signature = infer_signature(example, res.scorer.predict(example, None))
         info = log_artifact_model(artifact, name="model", registered_model_name=name if register else None,

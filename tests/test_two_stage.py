@@ -184,9 +184,13 @@ def test_train_ranker_logs_registers_and_round_trips(settings):
     from models.dlrm import DLRMScorer
     from pipelines.train_ranker import train_ranker
 
+    from pipelines.train import train_two_tower
+
     ds = generate(n_users=150, n_items=100, n_events=10_000, n_days=10, shift_date=date(2024, 1, 20), seed=5)
+    tt = train_two_tower(settings=settings, source="synthetic", dataset=ds, protocol="temporal", epochs=1, dim=8,
+                         progress=False, aliases=("champion",))
     r = train_ranker(settings=settings, source="synthetic", dataset=ds, protocol="temporal", epochs=1, dim=8,
-                     progress=False)
+                     progress=False, two_tower=f"models:/{settings.registry.retrieval_model}/{tt.registered_version}")
     assert r.registered_name == settings.registry.ranking_model and r.registered_version == "1"
     assert {"test_auc", "test_log_loss", "test_ece", "two_stage_recall@10"} <= set(r.test_metrics)
     run = mlflow.get_run(r.run_id)
@@ -198,3 +202,136 @@ def test_train_ranker_logs_registers_and_round_trips(settings):
     u, i = np.arange(5), np.arange(5)
     extra = np.zeros((5, len(trained.config.extra_dense)), np.float32)
     np.testing.assert_array_equal(loaded.score(u, i, extra), trained.score(u, i, extra))
+    # the promotion gate's view: the registered ranker behind the retrieval champion, rebuilt from
+    # the registry's artifacts alone, recommends what the trained pipeline recommends
+    from models.artifacts import load_from_registry
+    from pipelines.promote import two_stage_view
+
+    pipe = r.__dict__["two_stage"].pipeline
+    assert pipe.source_names == ("covisit", "popular", "two_tower")
+    view = two_stage_view(load_from_registry(f"models:/{settings.registry.ranking_model}/1", settings), settings)
+    assert view.users == trained.features.users and view.items == trained.features.items
+    users = np.arange(min(30, trained.features.n_users))
+    expected = pipe.recommend(users, k=10, max_category_share=None)
+    got = view.pipeline.recommend(users, k=10, max_category_share=None)
+    np.testing.assert_array_equal(got.items, expected.items)
+    scores = view.score(users)
+    assert scores.shape == (len(users), trained.features.n_items)
+    assert np.isfinite(scores).any(axis=1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline rebuilt from artifacts alone (what serving and the promotion gate run)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    """A tiny two-tower and a two-stage pipeline using it as a source, trained with the real
+    training code, and both saved as artifact folders."""
+    from datetime import date
+
+    from core.synthetic import generate
+    from models.artifacts import save_artifact
+    from models.two_stage import RecommenderSource, TwoStageRecommender, pipeline_artifact
+    from models.two_tower import TwoTowerRecommender
+
+    ds = generate(n_users=150, n_items=100, n_events=8_000, n_days=10, shift_date=date(2024, 1, 20), seed=5)
+    data = InteractionData.from_frame(ds.events.drop_duplicates(["user_id", "item_id"]))
+    part = np.random.default_rng(0).choice(3, size=len(data), p=[0.7, 0.15, 0.15])
+
+    def sub(p):
+        m = part == p
+        return InteractionData(data.users, data.items, data.user_idx[m], data.item_idx[m], data.values[m])
+
+    train, valid = sub(0), sub(1)
+    tower = TwoTowerRecommender({"epochs": 2, "embedding_dim": 8, "batch_size": 256, "seed": 0}, items_frame=ds.items,
+                                progress=False).fit(train, valid=valid)
+    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 40, "popular": 20, "two_tower": 40},
+                                extra_sources=[RecommenderSource(tower, name="two_tower")],
+                                dlrm_params=dict(epochs=2, embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 1),
+                                                 learning_rate=1e-2))
+    model.fit(train, valid=valid)
+    root = tmp_path_factory.mktemp("artifacts")
+    save_artifact(root / "two_tower", artifact=tower.to_artifact())
+    save_artifact(root / "ranker", artifact=pipeline_artifact(model.pipeline))
+    return {"ds": ds, "train": train, "valid": valid, "tower": tower, "model": model, "root": root}
+
+
+@pytest.mark.slow
+def test_pipeline_from_artifacts_recommends_exactly_like_the_trained_one(trained_pair):
+    from models.artifacts import load_artifact
+    from models.two_stage import EmbeddingSource, pipeline_from_artifacts, pipeline_recommender
+
+    t = trained_pair
+    model, train, valid = t["model"], t["train"], t["valid"]
+    retrieval = load_artifact(t["root"] / "two_tower").build()
+    pipe = pipeline_from_artifacts(retrieval, load_artifact(t["root"] / "ranker"), n_candidates=60)
+    assert pipe.source_names == ("covisit", "popular", "two_tower")
+    assert isinstance(pipe.sources[2], EmbeddingSource)  # the two-tower now answers through its FAISS index
+    users = np.arange(train.n_users)
+    a, b = model.pipeline.recommend(users, k=10), pipe.recommend(users, k=10)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(a.source_mask, b.source_mask)
+    # the Recommender view (evaluator / promotion gate) scores like the trained wrapper
+    view = pipeline_recommender(pipe, also_exclude=valid.csr())
+    assert view.users == train.users and view.items == train.items
+    va, vb = model.score(users), view.score(users)
+    np.testing.assert_array_equal(np.isfinite(va), np.isfinite(vb))
+    np.testing.assert_allclose(va[np.isfinite(va)], vb[np.isfinite(vb)], rtol=1e-5, atol=1e-6)
+    # the caller's history replaces the stored one: the same interactions give the same lists
+    same = pipeline_from_artifacts(retrieval, load_artifact(t["root"] / "ranker"), n_candidates=60, history=train)
+    np.testing.assert_array_equal(same.recommend(users[:20], k=10).items, a.items[:20])
+    # public history rows (serving's fallback when online features are down); unknown users are empty
+    rows = pipe.history_rows(np.array([0, -1]))
+    assert rows.shape == (2, train.n_items) and rows[1].nnz == 0 and rows[0].nnz == train.csr()[0].nnz
+
+
+@pytest.mark.slow
+def test_pipeline_from_artifacts_aligns_a_retrieval_model_with_another_catalog(trained_pair):
+    """A retrieval model trained on part of the catalog, users and items in another order: items it
+    does not know are never its candidates, users it does not know still get recommendations."""
+    from models.artifacts import load_artifact
+    from models.base import IdMap
+    from models.two_stage import pipeline_from_artifacts
+    from models.two_tower import TwoTowerRecommender
+
+    t = trained_pair
+    train = t["train"]
+    keep_items = np.arange(0, 70)
+    keep_users = np.arange(0, 100)
+    m = np.isin(train.item_idx, keep_items) & np.isin(train.user_idx, keep_users)
+    items = IdMap(tuple(reversed([train.items.ids[i] for i in keep_items])))
+    users = IdMap(tuple(reversed([train.users.ids[u] for u in keep_users])))
+    other = InteractionData(users, items, users.encode(train.users.decode(train.user_idx[m])),
+                            items.encode(train.items.decode(train.item_idx[m])), train.values[m])
+    tower = TwoTowerRecommender({"epochs": 1, "embedding_dim": 8, "batch_size": 256, "seed": 1}, progress=False).fit(other)
+    pipe = pipeline_from_artifacts(tower.to_artifact(), load_artifact(t["root"] / "ranker"), n_candidates=60)
+    all_users = np.arange(train.n_users)
+    hist = pipe.history_rows(all_users)
+    cands = pipe.retrieve(all_users, hist, exclude=hist)
+    from_tower = (cands.source_mask >> 2 & 1).astype(bool)
+    assert from_tower.any()
+    assert set(cands.item[from_tower]) <= set(keep_items), "an item the retrieval model does not know was retrieved by it"
+    assert set(cands.request[from_tower]) <= set(keep_users) | set(np.flatnonzero(hist.getnnz(axis=1) > 0))
+    recs = pipe.recommend(all_users, k=5)
+    assert (recs.items >= 0).all()
+    consumed = hist.toarray() > 0
+    assert not consumed[np.repeat(all_users, 5), recs.items.ravel()].any()
+
+
+@pytest.mark.slow
+def test_pipeline_from_artifacts_refuses_what_it_cannot_rebuild(trained_pair):
+    from models.artifacts import load_artifact
+    from models.two_stage import TwoStageError, pipeline_from_artifacts
+
+    t = trained_pair
+    ranker = load_artifact(t["root"] / "ranker")
+    with pytest.raises(TwoStageError, match="pass the built retrieval model"):
+        pipeline_from_artifacts(None, ranker)
+    with pytest.raises(TwoStageError, match="kind 'dlrm'"):
+        pipeline_from_artifacts(None, load_artifact(t["root"] / "two_tower"))
+    old = t["model"].pipeline.ranker.to_artifact()  # a ranker saved without its pipeline
+    with pytest.raises(TwoStageError, match="retrain the ranker"):
+        pipeline_from_artifacts(None, old)
+    with pytest.raises(TwoStageError, match="history must be"):
+        pipeline_from_artifacts(load_artifact(t["root"] / "two_tower"), ranker, history=sp.csr_matrix((2, 3)))
