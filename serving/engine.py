@@ -72,7 +72,7 @@ class Engine:
             # online features unavailable for these requests: fall back to the training-time history
             import scipy.sparse as sp
 
-            stored = p._history_rows(users, None)
+            stored = p.history_rows(users, None)
             use = np.zeros(len(users), bool)
             use[missing] = True
             hist = (sp.diags(use.astype(np.float32)) @ stored + sp.diags((~use).astype(np.float32)) @ hist).tocsr()

@@ -59,3 +59,19 @@ def online_features(settings: "Settings") -> None:
 
     build_features(settings=settings)
     materialize(settings=settings)
+
+
+def train_register_ranker(settings: "Settings", dataset: "Dataset", *, epochs: int = 1, dim: int = 8,
+                          n_candidates: int = 50, aliases: tuple[str, ...] = ("champion",)) -> str:
+    """Train the DLRM ranker of the two-stage pipeline on ``dataset`` with the registered
+    ``two_tower@champion`` as its retrieval source (``pipelines.train_ranker``, temporal split),
+    register it as ``registry.ranking_model`` under ``aliases``. Returns the version."""
+    from pipelines.train_ranker import train_ranker
+
+    retrieval_uri = f"models:/{settings.registry.retrieval_model}@{settings.serving.retrieval_alias}"
+    result = train_ranker(settings=settings, source="synthetic", dataset=dataset, protocol="temporal",
+                          two_tower=retrieval_uri, epochs=epochs, dim=dim, n_candidates=n_candidates,
+                          negatives_per_user=10, aliases=aliases, progress=False, run_name="serving-fixture-ranker")
+    if result.registered_version is None:
+        raise RuntimeError("the ranker was trained but not registered")
+    return str(result.registered_version)

@@ -1,6 +1,11 @@
 """The real API in a subprocess on a loopback port, over real HTTP (httpx), with a two-tower
-model trained by the real training code and registered in MLflow, and a real (SQLite) Feast
-online store. Slow by nature (training, MLflow and server start-up), so marked ``slow``."""
+model and a DLRM ranker trained by the real training code and registered in MLflow, and a real
+(SQLite) Feast online store.
+
+Cost control: one tiny world (lake, models, features) and ONE two-worker server for the
+module; only the tests that need a different start (no model, SIGKILL + restart with the
+registry down) start their own single-worker servers. The hot-swap test moves the alias, so it
+runs last on the shared server."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 KEY = "test-key"
 H = {"X-API-Key": KEY}
@@ -22,15 +27,17 @@ def _settings(root: Path, **serving):
     from core.config import load_settings
 
     # generous budgets: tests check behaviour, not speed (a loaded CI machine must not turn
-    # model answers into timeout fallbacks); timeouts are exercised by their own test
-    srv = {"api_key": KEY, "registry_poll_s": 1.0, "total_budget_ms": 10_000, "model_budget_ms": 8_000,
-           "features_budget_ms": 4_000, **serving}
-    return load_settings(root=root, environ={}, overrides={"environment": "test", "serving": srv})
+    # model answers into timeout fallbacks). Cache TTL 0: every request reads the online store,
+    # so killing the store is seen at once.
+    srv = {"api_key": KEY, "registry_poll_s": 1.0, "total_budget_ms": 20_000, "model_budget_ms": 15_000,
+           "features_budget_ms": 5_000, "candidates": 50, **serving}
+    return load_settings(root=root, environ={}, overrides={"environment": "test", "serving": srv,
+                                                           "features": {"online_cache_ttl_s": 0.0}})
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Lake + registered two-tower (version 1 @champion) + built online features, shared by the module."""
+    """Lake + registered two-tower and ranker (version 1 @champion each) + online features."""
     from serving import fixtures as F
 
     root = tmp_path_factory.mktemp("serving")
@@ -38,8 +45,10 @@ def world(tmp_path_factory):
     ds = F.synthetic_lake(s, n_users=120, n_items=60, n_events=2_500, n_days=8)
     model = F.train_two_tower(ds, epochs=1)
     version = F.register_two_tower(s, model)
+    ranker = F.train_register_ranker(s, ds)
     F.online_features(s)
-    return {"root": root, "settings": s, "dataset": ds, "model": model, "version": version}
+    return {"root": root, "settings": s, "dataset": ds, "model": model, "version": version, "ranker": ranker,
+            "versions": {"two_tower": version, "ranker": ranker}}
 
 
 @pytest.fixture(scope="module")
@@ -51,47 +60,62 @@ def server(world):
 
 
 def _client(srv) -> httpx.Client:
-    return httpx.Client(base_url=srv.url, timeout=30.0)
+    return httpx.Client(base_url=srv.url, timeout=60.0)
 
 
 def _known_user(world) -> str:
     return str(world["dataset"].events["user_id"].iloc[0])
 
 
-def test_ready_happy_path_and_metrics(world, server) -> None:
+def test_ready_happy_path_ranked_by_dlrm_and_metrics(world, server) -> None:
     c = _client(server)
     ready = c.get("/readyz")
     assert ready.status_code == 200, ready.text
     detail = ready.json()["detail"]
-    assert detail["model_versions"] == {"two_tower": world["version"]}
+    assert detail["model_versions"] == world["versions"] and detail["ranker"] == "ok"
     assert detail["features"]["loaded"] and detail["eventlog"]["durable"]
     user = _known_user(world)
     r = c.get(f"/v1/recommendations/{user}", params={"k": 7})
     assert r.status_code == 200
     body = r.json()
     assert len(body["items"]) == 7 and [it["position"] for it in body["items"]] == list(range(7))
-    assert body["model_versions"] == {"two_tower": world["version"]}
-    assert body["fallback_reason"] in (None, "ranker_unavailable")  # no ranker registered in this fixture
+    assert body["model_versions"] == world["versions"] and body["fallback_reason"] is None
     assert body["variant"] is None and len(body["request_id"]) == 32
+    assert {"features", "retrieval", "filter", "ranking", "diversity", "total"} <= set(body["timings_ms"])
     catalog = set(world["dataset"].items["item_id"])
     assert {it["item_id"] for it in body["items"]} <= catalog
-    scores = [it["score"] for it in body["items"]]
-    assert scores == sorted(scores, reverse=True)
-    # the user's recent items (online features) are not recommended again
+    # the served list is the two-stage pipeline's: the same artifacts and online history, run
+    # in this process, give the same items with the same DLRM scores
+    from models.artifacts import load_from_registry
     from pipelines.features import OnlineFeatureClient
+    from serving.engine import build_engine
 
-    recent = set(OnlineFeatureClient(world["settings"], load_items=False).user_features(user)["recent_items"] or [])
-    assert not recent & {it["item_id"] for it in body["items"]}
+    s = world["settings"]
+    recent = [str(i) for i in (OnlineFeatureClient(s, load_items=False).user_features(user)["recent_items"] or [])]
+    engine = build_engine(load_from_registry("models:/two_tower@champion", s),
+                          load_from_registry("models:/ranker@champion", s), n_candidates=s.serving.candidates)
+    assert engine.pipeline is not None and engine.versions == world["versions"]
+    [(want_items, want_scores)], _ = engine.recommend([user], k=7, histories=[recent])
+    assert [it["item_id"] for it in body["items"]] == want_items
+    assert [it["score"] for it in body["items"]] == pytest.approx(want_scores, abs=1e-5)
+    # ranked by the DLRM: its calibrated probabilities, not the two-tower's retrieval scores
+    assert all(0.0 <= x <= 1.0 for x in want_scores) and want_scores == sorted(want_scores, reverse=True)
+    retrieval_only, _ = build_engine(load_from_registry("models:/two_tower@champion", s), None).recommend(
+        [user], k=7, histories=[recent])
+    assert retrieval_only[0][1] != pytest.approx(want_scores, abs=1e-5)
+    # the user's recent items (online features) are not recommended again
+    assert not set(recent) & {it["item_id"] for it in body["items"]}
     sim = c.get(f"/v1/items/{body['items'][0]['item_id']}/similar", params={"k": 5})
     assert sim.status_code == 200 and len(sim.json()["items"]) == 5
     assert body["items"][0]["item_id"] not in {it["item_id"] for it in sim.json()["items"]}
     # many connections so both workers answer, then /metrics aggregates them
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda _: httpx.get(f"{server.url}/v1/recommendations/{user}"), range(32)))
+        list(ex.map(lambda _: httpx.get(f"{server.url}/v1/recommendations/{user}", timeout=60), range(32)))
     text = c.get("/metrics").text
-    for needle in ('recsys_stage_seconds_bucket{le="0.005",stage="features"}', 'stage="retrieval"', 'stage="total"',
-                   f'recsys_model_info{{alias="champion",model="two_tower",version="{world["version"]}"}} 1.0',
-                   'recsys_http_requests_total{endpoint="recommendations",status="200"}', "recsys_fallbacks_total"):
+    for needle in ('recsys_stage_seconds_bucket{le="0.005",stage="features"}', 'stage="retrieval"', 'stage="ranking"',
+                   'stage="total"', f'recsys_model_info{{alias="champion",model="two_tower",version="{world["version"]}"}} 1.0',
+                   f'recsys_model_info{{alias="champion",model="ranker",version="{world["ranker"]}"}} 1.0',
+                   'recsys_http_requests_total{endpoint="recommendations",status="200"}'):
         assert needle in text, needle
     assert c.get("/docs").status_code == 200
     assert "/v1/recommendations/{user_id}" in c.get("/openapi.json").json()["paths"]
@@ -110,6 +134,7 @@ def test_cold_start_gets_popular_items_in_context(world, server) -> None:
     pop = popularity_from_events(world["dataset"].events, days=world["settings"].serving.popularity_days)
     assert [it["item_id"] for it in web["items"]] == pop.top(10, context='{"device": "web"}')[0]
     assert [it["item_id"] for it in anywhere["items"]] == pop.top(10)[0]
+    assert 'recsys_fallbacks_total{reason="cold_start"}' in c.get("/metrics").text
 
 
 @pytest.mark.parametrize("method,path,kwargs,status,needle", [
@@ -162,6 +187,16 @@ def test_events_are_durable_update_features_and_log_impressions(world, server) -
     # the online features saw it: the user is no longer cold and the item is excluded
     feats = OnlineFeatureClient(world["settings"], load_items=False).user_features(user)
     assert item in (feats["recent_items"] or [])
+    after = c.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
+    assert after["fallback_reason"] is None and item not in {it["item_id"] for it in after["items"]}
+    # a batch without sync: acknowledged once durable, client event ids kept, generated ids unique
+    batch = [{"user_id": f"batch-user-{i}", "item_id": item, "event_type": "view"} for i in range(20)]
+    batch[3]["event_id"] = "evt-batch-3"
+    r = c.post("/v1/events", headers=H, json=batch)
+    assert r.status_code == 202 and r.json()["accepted"] == 20 and r.json()["durable"] is True
+    ids = r.json()["event_ids"]
+    assert ids[3] == "evt-batch-3" and len(set(ids)) == 20
+    assert set(ids) <= set(read_events(world["settings"])[0]["event_id"])
     # impressions of served requests are logged (asynchronously)
     c.get(f"/v1/recommendations/{_known_user(world)}", params={"k": 3})
     deadline = time.time() + 10
@@ -173,29 +208,33 @@ def test_events_are_durable_update_features_and_log_impressions(world, server) -
     assert imps and {"request_id", "items", "scores", "positions", "propensities", "model_versions", "variant"} <= set(imps[-1])
 
 
-def test_acknowledged_events_survive_kill_9_and_restart(world, tmp_path) -> None:
-    """Each 202 must mean on disk: SIGKILL the server right after the acks, reopen the log."""
-    from serving.eventlog import read_events
-    from serving.server import ServerProcess
+def test_online_store_down_still_serves(world, server) -> None:
+    """Kill the online store under the running server (its SQLite file replaced by garbage):
+    requests keep getting 200s, marked features_unavailable, ranked with the models' own history."""
+    from pipelines.features import feature_paths
 
-    s = world["settings"]
-    item = str(world["dataset"].items["item_id"].iloc[1])
-    ids = [f"crash-{i}" for i in range(40)]
-    srv = ServerProcess(s, workers=1).start()
+    c = _client(server)
+    online = feature_paths(world["settings"]).online_db
+    # the store is SQLite in WAL mode: recent pages live in -wal/-shm, so all three go
+    files = [p for p in (online, online.with_name(online.name + "-wal"), online.with_name(online.name + "-shm")) if p.exists()]
+    backups = {p: p.read_bytes() for p in files}
+    user = _known_user(world)
+    assert c.get(f"/v1/recommendations/{user}").json()["fallback_reason"] is None
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            codes = list(ex.map(lambda e: httpx.post(f"{srv.url}/v1/events", headers=H, timeout=30,
-                                                     json={"user_id": "crash-user", "item_id": item, "event_id": e}).status_code, ids))
-        assert codes == [202] * len(ids)
+        for p in files:
+            p.write_bytes(b"this is not a database" * 2000)
+        for _ in range(4):  # both workers
+            r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
+            assert r.status_code == 200
+            assert r.json()["fallback_reason"] == "features_unavailable" and len(r.json()["items"]) == 5
+            assert r.json()["model_versions"] == world["versions"]
     finally:
-        srv.kill()
-    frame, _ = read_events(s)
-    assert set(ids) <= set(frame["event_id"])
-    with ServerProcess(s, workers=1) as again:  # and a restarted server serves on the same log
-        assert httpx.post(f"{again.url}/v1/events", headers=H, json={"user_id": "crash-user", "item_id": item}).status_code == 202
+        for p, data in backups.items():
+            p.write_bytes(data)
+    assert c.get(f"/v1/recommendations/{user}").json()["fallback_reason"] is None
 
 
-def test_without_model_serves_popular_and_is_not_ready(world, tmp_path) -> None:
+def test_without_model_serves_popular_and_is_not_ready(world) -> None:
     """Remove the model (no registered alias and no local copy): popularity, 503 on /readyz."""
     from serving.server import ServerProcess
 
@@ -211,85 +250,77 @@ def test_without_model_serves_popular_and_is_not_ready(world, tmp_path) -> None:
         assert c.get(f"/v1/items/{world['dataset'].items['item_id'].iloc[0]}/similar").json()["fallback_reason"] == "model_unavailable"
 
 
-def test_registry_down_uses_local_copy(world, tmp_path) -> None:
-    """Registry unreachable at start: the last loaded artifacts on local disk serve."""
-    from models.artifacts import load_from_registry
+def test_acked_events_survive_kill_9_and_restart_with_registry_down(world) -> None:
+    """Each 202 must mean on disk: SIGKILL the server right after the acks and reopen the log.
+    The restart finds the registry unreachable and serves the last loaded artifacts on disk."""
+    from serving.eventlog import read_events
     from serving.server import ServerProcess
 
     s = world["settings"]
-    load_from_registry("models:/two_tower@champion", s)  # what any earlier start leaves on disk
-    s = s.model_copy(update={"mlflow": s.mlflow.model_copy(update={"tracking_uri": "http://127.0.0.1:9/unreachable"})})
-    with ServerProcess(s) as srv:
-        c = _client(srv)
+    item = str(world["dataset"].items["item_id"].iloc[1])
+    ids = [f"crash-{i}" for i in range(40)]
+    srv = ServerProcess(s, workers=1).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda e: httpx.post(f"{srv.url}/v1/events", headers=H, timeout=60,
+                                                     json={"user_id": "crash-user", "item_id": item, "event_id": e}).status_code, ids))
+        assert codes == [202] * len(ids)
+    finally:
+        srv.kill()
+    frame, _ = read_events(s)
+    assert set(ids) <= set(frame["event_id"])
+    down = s.model_copy(update={"mlflow": s.mlflow.model_copy(update={"tracking_uri": "http://127.0.0.1:9/unreachable"})})
+    with ServerProcess(down, workers=1) as again:
+        c = _client(again)
         detail = c.get("/readyz").json()["detail"]
-        assert detail["model_versions"] == {"two_tower": world["version"]} and detail["model_source"] == "local-copy"
-        assert c.get(f"/v1/recommendations/{_known_user(world)}").json()["model_versions"] == {"two_tower": world["version"]}
+        assert detail["model_versions"] == world["versions"] and detail["model_source"] == "local-copy", detail
+        r = c.get(f"/v1/recommendations/{_known_user(world)}").json()
+        assert r["model_versions"] == world["versions"] and r["fallback_reason"] is None
+        assert c.post("/v1/events", headers=H, json={"user_id": "crash-user", "item_id": item}).status_code == 202
 
 
-def test_online_store_down_still_serves(world, tmp_path) -> None:
-    """Kill the online store under a running server (its SQLite file replaced by garbage):
-    requests keep getting 200s, marked features_unavailable, with the models' own history."""
-    from pipelines.features import feature_paths
-    from serving.server import ServerProcess
-
-    s = world["settings"]
-    s = s.model_copy(update={"features": s.features.model_copy(update={"online_cache_ttl_s": 0.0})})
-    online = feature_paths(s).online_db
-    backup = online.with_suffix(".bak")
-    with ServerProcess(s) as srv:
-        c = _client(srv)
-        user = _known_user(world)
-        assert c.get(f"/v1/recommendations/{user}").json()["fallback_reason"] in (None, "ranker_unavailable")
-        shutil.copy(online, backup)
-        try:
-            online.write_bytes(b"this is not a database" * 100)
-            r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
-            assert r.status_code == 200
-            assert r.json()["fallback_reason"] == "features_unavailable" and len(r.json()["items"]) == 5
-            assert r.json()["model_versions"] == {"two_tower": world["version"]}
-        finally:
-            shutil.copy(backup, online)
-
-
-def test_hot_swap_under_load_fails_no_request(world) -> None:
-    """Move the alias to a new version while clients hammer the API: every request succeeds and
-    the new version takes over without a restart."""
+def test_hot_swap_under_load_fails_no_request(world, server) -> None:
+    """Move the two-tower alias to a new version while clients hammer the shared server: every
+    request succeeds and the new version takes over without a restart. (Runs last: it moves
+    the alias the other tests expect.)"""
     from serving import fixtures as F
-    from serving.server import ServerProcess
 
     s = world["settings"]
     user = _known_user(world)
-    with ServerProcess(s, workers=2) as srv:
-        stop = threading.Event()
-        results: list[tuple[int, str]] = []
-        lock = threading.Lock()
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
 
-        def hammer() -> None:
-            with httpx.Client(base_url=srv.url, timeout=30) as c:
-                while not stop.is_set():
-                    r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
-                    v = r.json().get("model_versions", {}).get("two_tower", "") if r.status_code == 200 else ""
-                    with lock:
-                        results.append((r.status_code, v))
-
-        threads = [threading.Thread(target=hammer) for _ in range(6)]
-        for t in threads:
-            t.start()
-        try:
-            new_version = F.register_two_tower(s, world["model"])  # a new version; the alias moves to it
-            deadline = time.time() + 90
-            while time.time() < deadline:
+    def hammer() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.get(f"/v1/recommendations/{user}", params={"k": 5})
+                v = r.json().get("model_versions", {}).get("two_tower", "") if r.status_code == 200 else ""
                 with lock:
-                    tail = [v for _, v in results[-30:]]
-                if tail and all(v == new_version for v in tail):
-                    break
-                time.sleep(0.5)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        codes = {code for code, _ in results}
-        versions = {v for _, v in results}
-        assert codes == {200}, f"failed requests during the swap: {codes}"
-        assert {world["version"], new_version} <= versions, versions
-        assert "recsys_model_swaps_total" in httpx.get(srv.url + "/metrics").text
+                    results.append((r.status_code, v))
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        new_version = F.register_two_tower(s, world["model"])  # a new version; the alias moves to it
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            with lock:
+                tail = [v for _, v in results[-30:]]
+            if tail and all(v == new_version for v in tail):
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    codes = {code for code, _ in results}
+    versions = [v for _, v in results]
+    assert codes == {200}, f"failed requests during the swap: {codes}"
+    assert world["version"] in versions and versions[-1] == new_version, set(versions)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'recsys_model_swaps_total{model="two_tower",outcome="swapped"}' in text
+    after = httpx.get(f"{server.url}/v1/recommendations/{user}").json()
+    assert after["model_versions"] == {"two_tower": new_version, "ranker": world["ranker"]}
+    assert after["fallback_reason"] is None
