@@ -142,7 +142,8 @@ def recsys_env(airflow_home, tmp_path, tmp_path_factory, monkeypatch):
 
 
 def _run(dag, **conf):
-    run = dag.test(run_conf=conf)
+    # every param explicitly: dag.test() keeps the previous run's conf in the DAG object's params
+    run = dag.test(run_conf={"day": None, "retrain": True, "source": None, "epochs": None, **conf})
     return run, {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
 
 
