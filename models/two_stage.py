@@ -6,7 +6,8 @@ retrieve -> merge -> filter -> rank -> post-process, batched over requests, nump
 1. **Retrieve** up to ``quota`` items per candidate source per request. Sources:
    :class:`EmbeddingSource` (two-tower ANN: FAISS inner-product index over item embeddings),
    :class:`CoVisitationSource` (item-to-item co-occurrence from the user's history),
-   :class:`PopularSource`, and :class:`RecommenderSource` (any fitted
+   :class:`ItemRegressionSource` (EASE-style item-to-item regression, the co-occurrence family's
+   strongest member), :class:`PopularSource`, and :class:`RecommenderSource` (any fitted
    :class:`models.base.Recommender`, e.g. the two-tower model offline). Sources never return
    what the user already consumed.
 2. **Merge** per request (union), remembering which source(s) produced each candidate, its rank
@@ -23,6 +24,11 @@ retrieve -> merge -> filter -> rank -> post-process, batched over requests, nump
 ``score`` covers the catalog with ``-inf`` for non-candidates) so the evaluator computes the
 same top-K metrics for the whole pipeline; :meth:`TwoStageRecommender.source_recommenders`
 exposes every source alone for the same table.
+
+Serving and the promotion gate never see training code: :func:`pipeline_artifact` writes the
+ranker artifact with every non-embedding source's arrays, and :func:`pipeline_from_artifacts`
+rebuilds the pipeline from it plus the built two-tower (plugged in as an
+:class:`EmbeddingSource`); :func:`pipeline_recommender` is its Recommender view.
 """
 from __future__ import annotations
 
@@ -111,7 +117,7 @@ class PopularSource:
         self.counts: np.ndarray | None = None
         self.order: np.ndarray | None = None
 
-    def fit(self, history: InteractionData) -> "PopularSource":
+    def fit(self, history: InteractionData, *, labels: InteractionData | None = None) -> "PopularSource":
         if len(history) == 0:
             raise TwoStageError("popular source: empty history")
         self.counts = np.asarray(history.csr().sum(axis=0)).ravel().astype(np.float32)
@@ -146,19 +152,64 @@ class PopularSource:
         return _filter_ranked(items, scores, exclude, n)
 
 
-class CoVisitationSource:
+class ItemItemSource:
+    """Candidates from a sparse item-to-item weight matrix ``W``: a user's scores are
+    ``history @ W`` (one sparse product per batch), items with a non-positive score are not
+    candidates. Subclasses differ in how ``W`` is fitted; all save and load the same way (the
+    pruned matrix as CSR arrays: no training data is needed to rebuild them)."""
+
+    name = "item_item"
+    kind = "item_item"
+
+    def __init__(self, *, neighbours: int | None = 200) -> None:
+        self.neighbours = neighbours
+        self.sim: sp.csr_matrix | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours}
+
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(spec, arrays) to save in the ranker artifact (see :func:`pipeline_artifact`)."""
+        assert self.sim is not None, "fit() first"
+        sim = self.sim.tocsr()
+        return ({"type": self.kind, **self.params()},
+                {"indptr": sim.indptr.astype(np.int64), "indices": sim.indices.astype(np.int32),
+                 "data": sim.data.astype(np.float32)})
+
+    @classmethod
+    def from_parts(cls, spec: dict[str, Any], arrays: dict[str, np.ndarray], n_items: int) -> "ItemItemSource":
+        src = cls(**{k: v for k, v in spec.items() if k not in ("type", "name")})
+        indptr = np.asarray(arrays["indptr"])
+        if len(indptr) != n_items + 1:
+            raise TwoStageError(f"{cls.kind} source: weight matrix has {len(indptr) - 1} rows, catalog has {n_items} items")
+        src.sim = sp.csr_matrix((np.asarray(arrays["data"], np.float32), np.asarray(arrays["indices"]), indptr),
+                                shape=(n_items, n_items))
+        return src
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        assert self.sim is not None, "fit() first"
+        scores = (sp.csr_matrix(history, dtype=np.float32) @ self.sim).toarray()
+        scores[scores <= 0] = -np.inf
+        return _top_n_dense(scores, n, exclude)
+
+
+class CoVisitationSource(ItemItemSource):
     """Item-to-item co-occurrence: items often consumed by the same users as the user's history.
 
     Similarity ``c_ij / (n_i^a * n_j^(1-a))`` (asymmetric cosine; ``a=0.5`` is cosine), pruned to
     each item's ``neighbours`` strongest, so a request costs a sparse (history x neighbours) sum."""
 
     name = "covisit"
+    kind = "covisit"
 
-    def __init__(self, *, neighbours: int = 200, alpha: float = 0.5, shrink: float = 10.0) -> None:
-        self.neighbours, self.alpha, self.shrink = neighbours, alpha, shrink
-        self.sim: sp.csr_matrix | None = None
+    def __init__(self, *, neighbours: int | None = 200, alpha: float = 0.5, shrink: float = 10.0) -> None:
+        super().__init__(neighbours=neighbours)
+        self.alpha, self.shrink = alpha, shrink
 
-    def fit(self, history: InteractionData) -> "CoVisitationSource":
+    def params(self) -> dict[str, Any]:
+        return {"neighbours": self.neighbours, "alpha": self.alpha, "shrink": self.shrink}
+
+    def fit(self, history: InteractionData, *, labels: InteractionData | None = None) -> "CoVisitationSource":
         if len(history) == 0:
             raise TwoStageError("covisit source: empty history")
         x = history.csr()
@@ -169,33 +220,62 @@ class CoVisitationSource:
         co = co.tocoo()
         val = co.data / (np.power(n[co.row], self.alpha) * np.power(n[co.col], 1 - self.alpha) + self.shrink)
         sim = sp.csr_matrix((val.astype(np.float32), (co.row, co.col)), shape=co.shape)
-        self.sim = _prune_rows(sim, self.neighbours)
+        self.sim = sim if self.neighbours is None else _prune_rows(sim, self.neighbours)
         return self
 
-    def to_parts(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(spec, arrays): the pruned neighbour matrix as CSR arrays (no training data needed to rebuild)."""
-        assert self.sim is not None, "fit() first"
-        sim = self.sim.tocsr()
-        return ({"type": "covisit", "neighbours": self.neighbours, "alpha": self.alpha, "shrink": self.shrink},
-                {"indptr": sim.indptr.astype(np.int64), "indices": sim.indices.astype(np.int32),
-                 "data": sim.data.astype(np.float32)})
 
-    @classmethod
-    def from_parts(cls, spec: dict[str, Any], arrays: dict[str, np.ndarray], n_items: int) -> "CoVisitationSource":
-        src = cls(neighbours=int(spec.get("neighbours", 200)), alpha=float(spec.get("alpha", 0.5)),
-                  shrink=float(spec.get("shrink", 10.0)))
-        indptr = np.asarray(arrays["indptr"])
-        if len(indptr) != n_items + 1:
-            raise TwoStageError(f"covisit source: neighbour matrix has {len(indptr) - 1} rows, catalog has {n_items} items")
-        src.sim = sp.csr_matrix((np.asarray(arrays["data"], np.float32), np.asarray(arrays["indices"]), indptr),
-                                shape=(n_items, n_items))
-        return src
+class ItemRegressionSource(ItemItemSource):
+    """EASE-style item-to-item regression (Steck 2019; :class:`models.baselines.EASE`'s closed form):
+    each item's column predicted from all other items' columns with an L2 penalty ``lam``.
+    Co-occurrence family like :class:`CoVisitationSource`, but the weights explain away items
+    that merely co-occur with popular ones (and can be negative). Each history item keeps its
+    ``neighbours`` largest-magnitude weights, so serving stays a sparse product; the dense fit
+    needs ``n_items^2`` memory (``max_items``). ``lam=None``: chosen on held-out labels by
+    :meth:`TwoStageRecommender.fit` among ``lam_grid``."""
 
-    def retrieve(self, user_idx, history, n, *, exclude=None):
-        assert self.sim is not None, "fit() first"
-        scores = (history @ self.sim).toarray()
-        scores[scores <= 0] = -np.inf
-        return _top_n_dense(scores, n, exclude)
+    name = "ease"
+    kind = "ease"
+    lam_grid = (100.0, 250.0, 500.0, 1000.0, 2000.0)
+
+    def __init__(self, *, lam: float | None = 500.0, neighbours: int | None = 500, max_items: int = 40_000) -> None:
+        super().__init__(neighbours=neighbours)
+        self.lam, self.max_items = lam, int(max_items)
+        self.tuning: dict[float, float] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"lam": self.lam, "neighbours": self.neighbours, "max_items": self.max_items}
+
+    def fit(self, history: InteractionData, *, labels: InteractionData | None = None) -> "ItemRegressionSource":
+        """Fit on ``history``; with ``lam=None`` and held-out ``labels``, ``lam`` is the grid value
+        with the best NDCG@10 on them (full ranking, history excluded), as the EASE baseline tunes."""
+        from models.baselines import EASE
+
+        if len(history) == 0:
+            raise TwoStageError("ease source: empty history")
+        if history.n_items > self.max_items:
+            raise TwoStageError(f"ease source: {history.n_items} items need a dense {history.n_items}^2 fit; above "
+                                f"max_items={self.max_items} (use the covisit source alone)")
+        if self.lam is None and labels is not None and len(labels):
+            from models.metrics import evaluate_recommender
+
+            trials = {lam: evaluate_recommender(EASE(lam=lam, max_items=self.max_items).fit(history), train=history,
+                                                test=labels, ks=(10,))["ndcg@10"] for lam in self.lam_grid}
+            self.lam = max(trials, key=trials.__getitem__)
+            self.tuning = trials
+        model = EASE(lam=float(self.lam if self.lam is not None else 500.0), max_items=self.max_items).fit(history)
+        b = model._b  # the baseline's fitted weights (same closed form, not re-implemented here)
+        assert b is not None
+        if self.neighbours is not None and self.neighbours < b.shape[1]:
+            k = int(self.neighbours)
+            cols = np.argpartition(-np.abs(b), k - 1, axis=1)[:, :k]
+            rows = np.repeat(np.arange(b.shape[0]), k)
+            vals = np.take_along_axis(b, cols, axis=1).ravel()
+            sim = sp.csr_matrix((vals.astype(np.float32), (rows, cols.ravel())), shape=b.shape)
+        else:
+            sim = sp.csr_matrix(b.astype(np.float32))
+        sim.eliminate_zeros()
+        self.sim = sim
+        return self
 
 
 def _prune_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
@@ -624,7 +704,11 @@ class _RetrieverOnly(TwoStagePipeline):
 # ---------------------------------------------------------------------------------------------
 # the Recommender wrapper (offline evaluation)
 # ---------------------------------------------------------------------------------------------
-DEFAULT_QUOTAS = {"two_tower": 300, "covisit": 300, "popular": 100}
+DEFAULT_QUOTAS = {"two_tower": 300, "covisit": 300, "ease": 300, "popular": 100}
+#: the sources a :class:`TwoStageRecommender` fits itself, by name, with their parameters
+DEFAULT_SOURCES: dict[str, dict[str, Any]] = {"covisit": {}, "ease": {"lam": None}, "popular": {}}
+SOURCE_CLASSES: dict[str, Callable[..., Any]] = {"covisit": CoVisitationSource, "ease": ItemRegressionSource,
+                                                 "popular": PopularSource}
 
 
 @dataclass
@@ -634,18 +718,22 @@ class TwoStageRecommender:
     ``fit(train, valid)``: candidate sources on ``train``; the ranker on ``valid`` (labels) with
     features from ``train`` (so nothing the ranker learns from is in its inputs); without
     ``valid``, a random ``label_share`` of each user's training interactions is held out as labels.
-    ``source_factories`` build the sources (default: co-visitation + popular, plus
-    ``extra_sources``, e.g. a fitted two-tower wrapped in :class:`RecommenderSource`)."""
+    ``sources`` names the sources it fits itself (default: co-visitation, EASE-style regression
+    with its penalty chosen on the labels, popular; ``source_factories`` replaces them with
+    callables), plus ``extra_sources`` (e.g. a fitted two-tower wrapped in :class:`RecommenderSource`).
+    Ranker negatives: ``negatives_per_user`` candidates per user drawn uniformly from that user's
+    retrieved candidates (hard negatives: what retrieval really proposes, at every rank)."""
 
     name: str = "two_stage"
     n_candidates: int = 500
     quotas: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_QUOTAS))
     extra_sources: list[Any] = field(default_factory=list)
     source_factories: list[Callable[[InteractionData], Any]] | None = None
+    sources: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SOURCES.items()})
     items_frame: pd.DataFrame | None = None
     positive_min_rating: float | None = None
     label_share: float = 0.125
-    negatives_per_user: int = 100
+    negatives_per_user: int = 400
     ranker_valid_share: float = 0.1
     max_category_share: float | None = None
     seed: int = 0
@@ -657,10 +745,13 @@ class TwoStageRecommender:
         self._also_consumed: sp.csr_matrix | None = None
         self.report: dict[str, Any] = {}
 
-    def _default_sources(self, history: InteractionData) -> list[Any]:
+    def _default_sources(self, history: InteractionData, labels: InteractionData | None = None) -> list[Any]:
         if self.source_factories is not None:
             return [f(history) for f in self.source_factories]
-        return [CoVisitationSource().fit(history), PopularSource().fit(history)]
+        unknown = sorted(set(self.sources) - set(SOURCE_CLASSES))
+        if unknown:
+            raise TwoStageError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCE_CLASSES)}")
+        return [SOURCE_CLASSES[name](**params).fit(history, labels=labels) for name, params in self.sources.items()]
 
     def fit(self, train: InteractionData, *, valid: InteractionData | None = None) -> "TwoStageRecommender":
         from models.dlrm import RankingFeatures, train_dlrm
@@ -680,7 +771,7 @@ class TwoStageRecommender:
             history, labels = train, valid
         if len(labels) == 0 or len(history) == 0:
             raise TwoStageError("two_stage: not enough interactions to hold out ranker labels")
-        sources = self._default_sources(history) + list(self.extra_sources)
+        sources = self._default_sources(history, labels) + list(self.extra_sources)
         quotas = {s.name: int(self.quotas.get(s.name, self.n_candidates)) for s in sources}
         hist_m = history.csr()
         ex, cand_recall = candidate_examples(sources=sources, quotas=quotas, n_candidates=self.n_candidates,
@@ -774,6 +865,8 @@ def pipeline_recommender(pipeline: TwoStagePipeline, *, also_exclude: sp.csr_mat
 # ---------------------------------------------------------------------------------------------
 #: source ``type`` of sources supplied at rebuild time by the retrieval model (two-tower ANN)
 RETRIEVAL_SOURCE = "retrieval"
+ITEM_ITEM_KINDS: dict[str, type[ItemItemSource]] = {c.kind: c for c in (ItemItemSource, CoVisitationSource,
+                                                                         ItemRegressionSource)}
 
 
 def pipeline_artifact(pipeline: TwoStagePipeline, *, metadata: dict[str, Any] | None = None,
@@ -852,10 +945,10 @@ def pipeline_from_artifacts(retrieval: Any, ranker_artifact: Any, *, n_candidate
     for s in spec["sources"]:
         name, kind = s["name"], s["type"]
         parts = {k[len(f"src__{name}__"):]: v for k, v in arrays.items() if k.startswith(f"src__{name}__")}
-        if kind == "popular":
+        if kind in ITEM_ITEM_KINDS:
+            sources.append(ITEM_ITEM_KINDS[kind].from_parts(s, parts, feats.n_items))
+        elif kind == "popular":
             sources.append(PopularSource.from_parts(s, parts, feats.n_items))
-        elif kind == "covisit":
-            sources.append(CoVisitationSource.from_parts(s, parts, feats.n_items))
         elif kind == RETRIEVAL_SOURCE:
             if retrieval is None:
                 raise TwoStageError(f"the ranker was trained with candidate source {name!r} from a retrieval model; "

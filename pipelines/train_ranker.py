@@ -73,7 +73,7 @@ def train_ranker(
     batch_size: int | None = None,
     learning_rate: float | None = None,
     n_candidates: int = 500,
-    negatives_per_user: int = 100,
+    negatives_per_user: int = 400,
     positive_min_rating: float | None = None,
     two_tower: str | None = None,
     ks: Sequence[int] | None = None,

@@ -124,6 +124,36 @@ def test_bad_requests_are_refused():
         _pipeline(data, frame, quotas={"covisit": 5})
 
 
+def test_item_item_sources_round_trip_and_never_return_consumed_items():
+    from models.two_stage import CoVisitationSource, ItemRegressionSource
+
+    data, _ = _hand_made()
+    hist = data.csr()
+    users = np.arange(6)
+    for src in (ItemRegressionSource(lam=1.0, neighbours=4).fit(data), CoVisitationSource(neighbours=3).fit(data)):
+        items, scores = src.retrieve(users, hist, 5, exclude=hist)
+        consumed = hist.toarray() > 0
+        ok = items >= 0
+        assert ok.any()
+        assert not consumed[np.repeat(users, 5)[ok.ravel()], items[ok]].any()
+        assert (np.diff(np.where(ok, scores, -np.inf), axis=1)[ok[:, 1:]] <= 1e-7).all(), "best first"
+        assert (src.sim.getnnz(axis=1) <= src.neighbours).all()
+        spec, arrays = src.to_parts()
+        again = type(src).from_parts(spec, arrays, data.n_items)
+        np.testing.assert_array_equal(again.retrieve(users, hist, 5, exclude=hist)[0], items)
+        assert again.params() == src.params()
+
+
+def test_item_regression_source_picks_lambda_on_held_out_labels():
+    from models.two_stage import ItemRegressionSource
+
+    data, _ = _hand_made()
+    labels = InteractionData(data.users, data.items, np.array([0, 1, 4]), np.array([3, 0, 8]), np.ones(3))
+    src = ItemRegressionSource(lam=None, neighbours=None).fit(data, labels=labels)
+    assert src.lam in src.lam_grid and set(src.tuning) == set(src.lam_grid)
+    assert ItemRegressionSource(lam=None).fit(data).lam is None  # no labels: the default penalty, nothing tuned
+
+
 def test_candidate_cap_keeps_best_ranked():
     data, frame = _hand_made()
     pipe = _pipeline(data, frame, n_candidates=2)
@@ -152,7 +182,7 @@ def test_recommender_wrapper_fits_scores_and_exposes_sources():
         return InteractionData(data.users, data.items, data.user_idx[m], data.item_idx[m], data.values[m])
 
     train, valid, test = sub(0), sub(1), sub(2)
-    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 50, "popular": 30},
+    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 50, "ease": 50, "popular": 30},
                                 dlrm_params=dict(epochs=2, embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 1),
                                                  learning_rate=1e-2))
     with pytest.raises(TwoStageError, match="before fit"):
@@ -166,7 +196,8 @@ def test_recommender_wrapper_fits_scores_and_exposes_sources():
     m = evaluate_recommender(model, train=train, test=test, valid=valid, ks=(10,))
     assert m["recall@10"] > 0
     names = [s.name for s in model.source_recommenders()]
-    assert names == ["source_covisit", "source_popular"]
+    assert names == ["source_covisit", "source_ease", "source_popular"]
+    assert model.pipeline.sources[1].lam in model.pipeline.sources[1].lam_grid  # chosen on the held-out labels
     assert 0 < model.report["candidate_recall"] <= 1
     single = InteractionData(data.users, data.items, np.zeros(5, np.int64), np.arange(5), np.ones(5))
     with pytest.raises(TwoStageError, match="single user"):
@@ -208,7 +239,7 @@ def test_train_ranker_logs_registers_and_round_trips(settings):
     from pipelines.promote import two_stage_view
 
     pipe = r.__dict__["two_stage"].pipeline
-    assert pipe.source_names == ("covisit", "popular", "two_tower")
+    assert pipe.source_names == ("covisit", "ease", "popular", "two_tower")
     view = two_stage_view(load_from_registry(f"models:/{settings.registry.ranking_model}/1", settings), settings)
     assert view.users == trained.features.users and view.items == trained.features.items
     users = np.arange(min(30, trained.features.n_users))
@@ -245,7 +276,7 @@ def trained_pair(tmp_path_factory):
     train, valid = sub(0), sub(1)
     tower = TwoTowerRecommender({"epochs": 2, "embedding_dim": 8, "batch_size": 256, "seed": 0}, items_frame=ds.items,
                                 progress=False).fit(train, valid=valid)
-    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 40, "popular": 20, "two_tower": 40},
+    model = TwoStageRecommender(items_frame=ds.items, n_candidates=60, quotas={"covisit": 40, "ease": 40, "popular": 20, "two_tower": 40},
                                 extra_sources=[RecommenderSource(tower, name="two_tower")],
                                 dlrm_params=dict(epochs=2, embedding_dim=8, dense_arch=(16, 8), over_arch=(16, 1),
                                                  learning_rate=1e-2))
@@ -265,8 +296,8 @@ def test_pipeline_from_artifacts_recommends_exactly_like_the_trained_one(trained
     model, train, valid = t["model"], t["train"], t["valid"]
     retrieval = load_artifact(t["root"] / "two_tower").build()
     pipe = pipeline_from_artifacts(retrieval, load_artifact(t["root"] / "ranker"), n_candidates=60)
-    assert pipe.source_names == ("covisit", "popular", "two_tower")
-    assert isinstance(pipe.sources[2], EmbeddingSource)  # the two-tower now answers through its FAISS index
+    assert pipe.source_names == ("covisit", "ease", "popular", "two_tower")
+    assert isinstance(pipe.sources[3], EmbeddingSource)  # the two-tower now answers through its FAISS index
     users = np.arange(train.n_users)
     a, b = model.pipeline.recommend(users, k=10), pipe.recommend(users, k=10)
     np.testing.assert_array_equal(a.items, b.items)
@@ -309,7 +340,7 @@ def test_pipeline_from_artifacts_aligns_a_retrieval_model_with_another_catalog(t
     all_users = np.arange(train.n_users)
     hist = pipe.history_rows(all_users)
     cands = pipe.retrieve(all_users, hist, exclude=hist)
-    from_tower = (cands.source_mask >> 2 & 1).astype(bool)
+    from_tower = (cands.source_mask >> 3 & 1).astype(bool)
     assert from_tower.any()
     assert set(cands.item[from_tower]) <= set(keep_items), "an item the retrieval model does not know was retrieved by it"
     assert set(cands.request[from_tower]) <= set(keep_users) | set(np.flatnonzero(hist.getnnz(axis=1) > 0))
