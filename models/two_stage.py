@@ -751,11 +751,21 @@ class TwoStageRecommender:
         unknown = sorted(set(self.sources) - set(SOURCE_CLASSES))
         if unknown:
             raise TwoStageError(f"unknown candidate source(s) {unknown}; known: {sorted(SOURCE_CLASSES)}")
-        return [SOURCE_CLASSES[name](**params).fit(history, labels=labels) for name, params in self.sources.items()]
+        out = []
+        for name, params in self.sources.items():
+            src = SOURCE_CLASSES[name](**params)
+            if isinstance(src, ItemRegressionSource) and history.n_items > src.max_items:
+                # a dense n_items^2 fit does not scale to large catalogs: the other sources carry on
+                self.report["skipped_sources"] = {**self.report.get("skipped_sources", {}),
+                                                  name: f"{history.n_items} items > max_items={src.max_items}"}
+                continue
+            out.append(src.fit(history, labels=labels))
+        return out
 
     def fit(self, train: InteractionData, *, valid: InteractionData | None = None) -> "TwoStageRecommender":
         from models.dlrm import RankingFeatures, train_dlrm
 
+        self.report = {}
         if len(train) == 0:
             raise TwoStageError("two_stage: empty training set")
         if len(np.unique(train.user_idx)) < 2:
@@ -794,7 +804,7 @@ class TwoStageRecommender:
         self.pipeline = TwoStagePipeline(sources, res.scorer, quotas, self.n_candidates, history=hist_m,
                                          max_category_share=self.max_category_share)
         self.train_result = res
-        self.report = {"candidate_recall": cand_recall, "ranker_examples": len(ex),
+        self.report = {**self.report, "candidate_recall": cand_recall, "ranker_examples": len(ex),
                        "ranker_positive_rate": float(ex.labels.mean()), **res.metrics,
                        "best_epoch": res.best_epoch, "ranker_train_s": res.train_s}
         return self
