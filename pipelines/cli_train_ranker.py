@@ -23,6 +23,7 @@ def dlrm_command(
     seed: Optional[int] = typer.Option(None, help="Model seed (default from the config)."),
     split_seed: int = typer.Option(2020, help="Seed of the RecBole random split."),
     candidates: int = typer.Option(500, min=1, help="Candidates retrieved per user before ranking."),
+    negatives: int = typer.Option(400, min=1, help="Ranker negatives per user, drawn from its retrieved candidates."),
     positive_min_rating: Optional[float] = typer.Option(None, help="Engagement threshold (default: every held-out interaction)."),
     two_tower: Optional[str] = typer.Option(None, help="Add a registered two-tower (models:/two_tower@champion) as a source."),
     path: Optional[Path] = typer.Option(None, help="Dataset folder (default: var/data or ../shared/data)."),
@@ -42,7 +43,7 @@ def dlrm_command(
             raise ValueError(f"--protocol must be recbole or temporal, not {protocol!r}")
         result = train_ranker(settings=settings(), source=source, protocol=protocol, path=path, split_seed=split_seed,
                               seed=seed, epochs=epochs, dim=dim, batch_size=batch_size, learning_rate=lr,
-                              n_candidates=candidates, positive_min_rating=positive_min_rating, two_tower=two_tower,
+                              n_candidates=candidates, negatives_per_user=negatives, positive_min_rating=positive_min_rating, two_tower=two_tower,
                               register=register, aliases=alias)
         if as_json:
             print_json(result.as_dict())
