@@ -9,6 +9,7 @@ and metrics (Starlette's BaseHTTPMiddleware costs a task per request). Models ru
 per-worker model thread with micro-batching (``serving/recommend.py``).
 """
 import hmac
+from datetime import datetime, timedelta, timezone
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("serving")
 
 _EVENTS = TypeAdapter(list[EventIn])
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICRO = timedelta(microseconds=1)
 ERRORS = {400: {"model": Problem}, 401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem},
           413: {"model": Problem}, 422: {"model": Problem}}
 
@@ -285,10 +288,7 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
             False, description="Wait until the online features reflect the events (read-your-writes).")) -> Response:
         """Record feedback: 202 only once the events are durably in the event log; the user's online
         features are updated right after (before the 202 with ``sync_features=true``)."""
-        from datetime import datetime, timezone
-
         from serving.popularity import canonical_context
-        from serving.state import events_to_frame
 
         s = st(request)
         raw = await request.body()
@@ -311,27 +311,32 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
             raise ApiError(422, "invalid event: " + _describe(exc.errors(), prefix="events"), _clean(exc.errors())) from None
         now = datetime.now(timezone.utc)
         records = []
+        missing: list[int] = []
         for i, e in enumerate(events):
             if not s.known_item(e.item_id):
                 raise ApiError(422, f"events[{i}].item_id: unknown item_id {e.item_id!r} (not in the catalog)")
             try:
-                ctx = canonical_context(e.context)
+                ctx = canonical_context(e.context) if e.context is not None else None
             except ValueError as exc:
                 raise ApiError(422, f"events[{i}].context: {exc}") from None
             ts = e.timestamp or now
-            if ts.tzinfo is None:
-                ts = ts.replace(tzinfo=timezone.utc)
+            ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
             rec = {"user_id": e.user_id, "item_id": e.item_id, "event_type": e.event_type, "value": e.value,
-                   "timestamp": ts.astimezone(timezone.utc).isoformat(), "context": ctx}
-            if e.event_id:
-                rec["event_id"] = e.event_id
+                   "timestamp": ts.isoformat(), "context": ctx, "event_id": e.event_id}
+            if e.event_id is None:
+                missing.append(i)
+                rec["_us"] = (ts - _EPOCH) // _MICRO
             if e.request_id:
                 rec["request_id"] = e.request_id
             records.append(rec)
-        frame = events_to_frame(records)
-        ids = frame["event_id"].astype(str).tolist()
-        for rec, eid in zip(records, ids):
-            rec["event_id"] = eid
+        if missing:  # the same deterministic ids batch ingest gives (core.schemas.make_event_ids), no pandas
+            from serving.eventlog import event_ids
+
+            sub = [records[i] for i in missing]
+            for rec, eid in zip(sub, event_ids([r["user_id"] for r in sub], [r["item_id"] for r in sub],
+                                               [r["event_type"] for r in sub], [r.pop("_us") for r in sub])):
+                rec["event_id"] = eid
+        ids = [r["event_id"] for r in records]
         try:
             await s.log.append("events", records, keys=ids)
         except Exception as exc:  # noqa: BLE001 - not durable: the client must retry
@@ -342,7 +347,8 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         s.metrics.events.labels(outcome="accepted").inc(len(records))
         updated = False
         if cfg.update_features_on_event:
-            updated = await s.features.apply(frame, wait=sync_features)
+            # off the request's critical path: queued records, converted and applied in batches
+            updated = await s.features.apply(records, wait=sync_features)
         return _json({"accepted": len(records), "event_ids": ids, "durable": s.log.durable,
                       "features_updated": updated}, 202)
 

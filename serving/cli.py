@@ -1,4 +1,5 @@
-"""``recsys serving ...`` and the top-level ``recsys serve`` (register ``serve_command``).
+"""``recsys serving ingest-log`` (the group ``app``) and the top-level ``recsys serve``
+(``serve_command``, registered by core/cli.py; not repeated inside the group).
 
 Heavy imports (uvicorn, models) happen inside the commands, so ``recsys --help`` stays fast.
 """
@@ -8,7 +9,8 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Real-time serving: the API, the event log.", no_args_is_help=True)
+app = typer.Typer(help="Real-time serving: the feedback event log (start the API with `recsys serve`).",
+                  no_args_is_help=True)
 
 
 def serve_command(
@@ -28,8 +30,6 @@ def serve_command(
     _run()
 
 
-app.command(name="serve")(serve_command)
-
 
 @app.command("ingest-log")
 def ingest_log_command(
@@ -47,5 +47,5 @@ def ingest_log_command(
     _run()
 
 
-if __name__ == "__main__":  # python -m serving.cli serve ... (what ServerProcess runs)
-    app()
+if __name__ == "__main__":  # python -m serving.cli --port N ... (what ServerProcess runs: exactly `recsys serve`)
+    typer.run(serve_command)

@@ -92,7 +92,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(self.workers)],
             cwd=str(REPO_ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_healthy()

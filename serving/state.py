@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 
 from serving.eventlog import EventLog, open_log
 from serving.lifecycle import ModelManager
@@ -136,10 +135,3 @@ async def close_state(state: ServingState) -> None:
     state.batcher.close()
     await state.log.close()
     state.features.close()
-
-
-def events_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Accepted event records -> the core event frame (for the online feature update)."""
-    from serving.eventlog import events_frame
-
-    return events_frame(records, source="POST /v1/events")

@@ -144,6 +144,24 @@ def test_events_frame_keeps_given_ids_and_hashes_missing(tmp_path: Path) -> None
     assert str(frame["timestamp"].dtype) == "datetime64[us, UTC]"
 
 
+def test_event_ids_without_pandas_frames_match_make_event_ids() -> None:
+    """The API's cheap ids are byte-identical to the lake's deterministic ids, so the same event
+    gets the same id whether it arrives through POST /v1/events or a batch file."""
+    from core.schemas import make_event_ids
+    from serving.eventlog import event_ids
+
+    recs = [_event(i, user=f"user-{i % 4}") for i in range(12)] + [
+        {**_event(1), "timestamp": "2024-03-05T01:02:03.456789+00:00", "user_id": "ünï"}]
+    frame = events_frame(recs)
+    us = frame["timestamp"].astype("int64").tolist()
+    assert str(frame["timestamp"].dtype) == "datetime64[us, UTC]"
+    ids = event_ids(frame["user_id"].tolist(), frame["item_id"].tolist(), frame["event_type"].tolist(), us)
+    assert ids == make_event_ids(frame).tolist()
+    assert len(set(ids)) == len(ids) and event_ids([], [], [], []) == []
+    with pytest.raises(ValueError, match="same length"):
+        event_ids(["u"], [], ["click"], [1])
+
+
 def test_ingest_eventlog_into_lake_is_idempotent_and_resumable(settings) -> None:
     from core.lake import Lake
     from pipelines.ingest_eventlog import ingest_eventlog, read_impressions_lake

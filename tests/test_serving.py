@@ -3,8 +3,8 @@ model and a DLRM ranker trained by the real training code and registered in MLfl
 (SQLite) Feast online store.
 
 Cost control: one tiny world (lake, models, features) and ONE two-worker server for the
-module; only the tests that need a different start (no model, SIGKILL + restart with the
-registry down) start their own single-worker servers. The hot-swap test moves the alias, so it
+module; the tests that need a different start (no model, SIGKILL, restart with the registry
+down) share one sequence of two single-worker servers. The hot-swap test moves the alias, so it
 runs last on the shared server."""
 from __future__ import annotations
 
@@ -234,33 +234,30 @@ def test_online_store_down_still_serves(world, server) -> None:
     assert c.get(f"/v1/recommendations/{user}").json()["fallback_reason"] is None
 
 
-def test_without_model_serves_popular_and_is_not_ready(world) -> None:
-    """Remove the model (no registered alias and no local copy): popularity, 503 on /readyz."""
+def test_no_model_then_kill_9_then_restart_with_registry_down(world) -> None:
+    """Three starts in one (server starts dominate this module's time):
+
+    1. No model (alias of a name never registered, no local copy): popularity answers, /readyz
+       is 503 naming the model, and events are still accepted durably.
+    2. SIGKILL right after the acks: every acknowledged event is in the log (202 = on disk).
+    3. Restart with the registry unreachable: the last loaded artifacts on local disk serve."""
+    from serving.eventlog import read_events
     from serving.server import ServerProcess
 
     s = world["settings"]
-    s = s.model_copy(update={"registry": s.registry.model_copy(update={"retrieval_model": "no_such_model"})})
-    with ServerProcess(s) as srv:
+    item = str(world["dataset"].items["item_id"].iloc[1])
+    no_model = s.model_copy(update={"registry": s.registry.model_copy(update={"retrieval_model": "no_such_model"})})
+    ids = [f"crash-{i}" for i in range(40)]
+    srv = ServerProcess(no_model, workers=1).start()
+    try:
         c = _client(srv)
         assert c.get("/healthz").status_code == 200
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "no_such_model" in ready.json()["detail"]["model_error"]
         r = c.get(f"/v1/recommendations/{_known_user(world)}", params={"k": 5})
         assert r.status_code == 200 and r.json()["fallback_reason"] == "model_unavailable" and len(r.json()["items"]) == 5
+        assert r.json()["model_versions"] == {}
         assert c.get(f"/v1/items/{world['dataset'].items['item_id'].iloc[0]}/similar").json()["fallback_reason"] == "model_unavailable"
-
-
-def test_acked_events_survive_kill_9_and_restart_with_registry_down(world) -> None:
-    """Each 202 must mean on disk: SIGKILL the server right after the acks and reopen the log.
-    The restart finds the registry unreachable and serves the last loaded artifacts on disk."""
-    from serving.eventlog import read_events
-    from serving.server import ServerProcess
-
-    s = world["settings"]
-    item = str(world["dataset"].items["item_id"].iloc[1])
-    ids = [f"crash-{i}" for i in range(40)]
-    srv = ServerProcess(s, workers=1).start()
-    try:
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
             codes = list(ex.map(lambda e: httpx.post(f"{srv.url}/v1/events", headers=H, timeout=60,
                                                      json={"user_id": "crash-user", "item_id": item, "event_id": e}).status_code, ids))
