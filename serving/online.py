@@ -52,6 +52,12 @@ class OnlineFeatures:
             self.client = None
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("online features unavailable: %s", self.error)
+            return
+        try:  # the first read pays Feast's lazy set-up (tens of ms): not on a user's request
+            self.client.user_features("__warmup__")
+            self.client.invalidate("__warmup__")
+        except Exception as exc:  # noqa: BLE001 - loaded but not answering: requests fall back per call
+            log.warning("online features warm-up failed: %s: %s", type(exc).__name__, exc)
 
     def ok(self) -> bool:
         return self.client is not None
