@@ -39,6 +39,9 @@ TOP_LEVEL_COMMANDS: list[tuple[str, str]] = [
     ("serving.cli", "serve_command"),
     ("pipelines.cli_models", "promote_command"),
     ("pipelines.cli_models", "rollback_command"),
+    ("pipelines.cli_up", "up_command"),
+    ("pipelines.cli_up", "down_command"),
+    ("pipelines.cli_up", "stack_status_command"),
 ]
 
 for _name, _module in COMMAND_GROUPS:

@@ -24,7 +24,7 @@ from expectations.settings import ValidationSettings
 from feature_defs.settings import FeatureSettings
 from models.settings import TrainingSettings
 from monitoring.settings import MonitoringSettings
-from pipelines.settings import RegistrySettings
+from pipelines.settings import OrchestrationSettings, RegistrySettings
 from serving.settings import EventLogSettings, ServingSettings
 
 ENV_PREFIX = "RECSYS_"
@@ -112,6 +112,7 @@ class Settings(BaseModel):
     features: FeatureSettings = FeatureSettings()
     training: TrainingSettings = TrainingSettings()
     registry: RegistrySettings = RegistrySettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
     serving: ServingSettings = ServingSettings()
     eventlog: EventLogSettings = EventLogSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
