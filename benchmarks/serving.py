@@ -238,6 +238,29 @@ def spread(values: list[float]) -> dict:
             "runs": [round(v, 2) for v in vals]} if vals else {}
 
 
+def rec_counters(url: str) -> dict[str, float]:
+    """Recommendation responses so far and fallbacks by reason (Prometheus, all workers)."""
+    text = subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'recsys_http_requests_total\{endpoint="recommendations",status="200"\} ([\d.e+]+)', line)
+        if m:
+            out["responses"] = float(m.group(1))
+        m = re.match(r'recsys_fallbacks_total\{reason="([^"]+)"\} ([\d.e+]+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def model_served(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Share of the responses between two snapshots that the models (not a fallback) produced."""
+    diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after)}
+    n = diff.pop("responses", 0.0)
+    fell = sum(v for k, v in diff.items() if k not in ("features_unavailable", "ranker_unavailable"))
+    return {"responses": int(n), "fallbacks": {k: int(v) for k, v in diff.items() if v},
+            "model_served_share": round(1 - fell / n, 4) if n else None}
+
+
 def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -279,10 +302,14 @@ def http_part(args, work: Path) -> dict:
         for r in range(args.repeats):
             la = load_avg()
             runs["noop"].append({**run_wrk(srv.url + "/noop", script=None, connections=args.connections, duration=args.duration), "load_avg": la})
-            runs["recommend"].append({**run_wrk(srv.url + "/", script=rec_lua, connections=args.connections, duration=args.duration), "load_avg": la})
+            before = rec_counters(srv.url)
+            runs["recommend"].append({**run_wrk(srv.url + "/", script=rec_lua, connections=args.connections, duration=args.duration),
+                                      "load_avg": la, **model_served(before, rec_counters(srv.url))})
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
             half = runs["recommend"][-1]["rps"] / 2
-            runs["open_loop_half"].append({"rate": round(half, 1), **open_loop(srv.url, half, args.duration, users), "load_avg": load_avg()})
+            before = rec_counters(srv.url)
+            runs["open_loop_half"].append({"rate": round(half, 1), **open_loop(srv.url, half, args.duration, users),
+                                           "load_avg": load_avg(), **model_served(before, rec_counters(srv.url))})
             runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections, duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
@@ -298,6 +325,8 @@ def http_part(args, work: Path) -> dict:
         "noop_rps": noop["median"], "recommend_rps": rec["median"],
         "recommend_to_noop": round(rec["median"] / noop["median"], 3),
         "recommend_p99_ms_at_half_load": ol["median"],
+        "recommend_model_served_share": spread([x["model_served_share"] for x in runs["recommend"]])["median"],
+        "open_loop_model_served_share": spread([x["model_served_share"] for x in runs["open_loop_half"]])["median"],
         "recommend_p50_ms_at_half_load": spread([x["p50_ms"] for x in runs["open_loop_half"]])["median"],
         "recommend_p95_ms_at_half_load": spread([x["p95_ms"] for x in runs["open_loop_half"]])["median"],
         "ingest_events_per_s": ev50s["median"], "ingest_single_event_requests_per_s": ev1s["median"],
@@ -331,6 +360,7 @@ def main() -> None:
     previous = json.loads((RESULTS / "serving.json").read_text()) if (RESULTS / "serving.json").is_file() else {}
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     http_keys = ("setup", "runs", "noop_rps", "recommend_rps", "recommend_to_noop", "recommend_p99_ms_at_half_load",
+                 "recommend_model_served_share", "open_loop_model_served_share",
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "stage_metrics_sample", "http_measured")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
@@ -397,6 +427,10 @@ def render_md(r: dict) -> str:
         f"{s['ingest_single_event_rps']['max']} |", "",
         f"recommendation / no-op (medians) = {r['recommend_to_noop']}; p50/p95/p99 at half load = {r['recommend_p50_ms_at_half_load']} / "
         f"{r['recommend_p95_ms_at_half_load']} / {r['recommend_p99_ms_at_half_load']} ms.", "",
+        f"Share of recommendation responses produced by the models (not a fallback: budgets exceeded -> "
+        f"`timeout`, etc.; `features_unavailable` still counts as model-served): closed loop "
+        f"{r.get('recommend_model_served_share')}, open loop at half load {r.get('open_loop_model_served_share')} "
+        f"(per-run fallback counts in the JSON).", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
         f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
         "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",

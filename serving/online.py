@@ -36,6 +36,7 @@ class OnlineFeatures:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="features")
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._batcher: Any = None  # serving.recommend.MicroBatcher of feature reads, made on first use
         self.applied = 0
         self.apply_failures = 0
 
@@ -69,6 +70,8 @@ class OnlineFeatures:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._batcher is not None:
+            self._batcher.close()
         if self.client is not None:
             try:
                 self.client.close()
@@ -81,14 +84,35 @@ class OnlineFeatures:
         feats = self.client.user_features(user_id)
         return [str(i) for i in (feats.get("recent_items") or [])]
 
+    def _histories(self, jobs: list[Any]) -> list[Any]:
+        """One pool hop for every request queued meanwhile (each user still one cached/Feast read);
+        a failing read becomes that request's exception, not the batch's."""
+        out: list[Any] = []
+        for job in jobs:
+            try:
+                out.append(self._history(job.user_id))
+            except Exception as exc:  # noqa: BLE001 - returned, raised in the request's own task
+                out.append(exc)
+        return out
+
     async def user_history(self, user_id: str, *, timeout_s: float) -> list[str]:
-        """The user's recent items, newest first ([] for a user the store does not know)."""
+        """The user's recent items, newest first ([] for a user the store does not know).
+
+        Concurrent reads of a worker are micro-batched like model calls (``MicroBatcher``): one
+        thread hop per batch instead of per request, which is what the event loop pays most for
+        under load."""
         if self.client is None:
             raise FeaturesUnavailable(self.error or "online features not loaded")
         if timeout_s <= 0:
             raise asyncio.TimeoutError
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._pool, self._history, user_id), timeout_s)
+        if self._batcher is None:
+            from serving.recommend import MicroBatcher
+
+            self._batcher = MicroBatcher(self._histories, max_batch=256)
+        res = await asyncio.wait_for(asyncio.shield(self._batcher.submit(user_id, 0, None)), timeout_s)
+        if isinstance(res, Exception):
+            raise res
+        return res
 
     # ---- event updates ------------------------------------------------------------------------
     def _apply(self, records: list[dict[str, Any]]) -> None:
