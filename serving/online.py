@@ -109,7 +109,12 @@ class OnlineFeatures:
             from serving.recommend import MicroBatcher
 
             self._batcher = MicroBatcher(self._histories, max_batch=256)
-        res = await asyncio.wait_for(asyncio.shield(self._batcher.submit(user_id, 0, None)), timeout_s)
+        fut = self._batcher.enqueue(user_id, 0, None)
+        try:
+            res = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise
         if isinstance(res, Exception):
             raise res
         return res

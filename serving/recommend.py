@@ -53,14 +53,20 @@ class MicroBatcher:
         self._draining = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 
-    async def submit(self, user_id: str, k: int, history: list[str] | None) -> Any:
+    def enqueue(self, user_id: str, k: int, history: list[str] | None) -> asyncio.Future:
+        """Queue a job; returns its future. Cancel the future when its caller gives up (deadline):
+        a batch skips cancelled jobs, so an overloaded worker does not keep computing answers
+        nobody waits for (which would make every later request miss its deadline too)."""
         loop = asyncio.get_running_loop()
         job = ModelJob(user_id, k, history, loop.create_future())
         self._pending.append(job)
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
-        return await job.future
+        return job.future
+
+    async def submit(self, user_id: str, k: int, history: list[str] | None) -> Any:
+        return await self.enqueue(user_id, k, history)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,7 +147,12 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
             budget = min(cfg.model_budget_ms / 1000.0, remaining)
             if budget <= 0:
                 raise asyncio.TimeoutError
-            res = await asyncio.wait_for(asyncio.shield(state.batcher.submit(user_id, k, history)), budget)
+            fut = state.batcher.enqueue(user_id, k, history)
+            try:
+                res = await asyncio.wait_for(asyncio.shield(fut), budget)
+            except asyncio.TimeoutError:
+                fut.cancel()  # not computed if its batch has not started yet
+                raise
             items, scores, stage_t, used = res
             versions = dict(used.versions)
             for stage, sec in stage_t.items():

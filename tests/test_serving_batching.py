@@ -1,0 +1,54 @@
+"""Micro-batching of the request path (no server): concurrent jobs share one call, and jobs whose
+caller gave up (deadline) are not computed, so an overloaded worker does not spend its CPU on
+answers nobody waits for."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+def test_concurrent_jobs_share_a_batch_and_cancelled_jobs_are_skipped() -> None:
+    from serving.recommend import MicroBatcher
+
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def fn(jobs):
+        calls.append([j.user_id for j in jobs])
+        gate.wait(5)  # the first batch blocks until the test has queued (and cancelled) more jobs
+        return [j.user_id.upper() for j in jobs]
+
+    async def scenario():
+        b = MicroBatcher(fn, max_batch=8)
+        first = b.enqueue("a", 1, None)
+        await asyncio.sleep(0.05)  # batch ["a"] is running
+        rest = [b.enqueue(u, 1, None) for u in ("b", "c", "d")]
+        rest[1].cancel()  # "c" timed out while queued
+        gate.set()
+        out = [await first, await rest[0], await rest[2]]
+        b.close()
+        return out
+
+    assert asyncio.run(scenario()) == ["A", "B", "D"]
+    assert calls == [["a"], ["b", "d"]]
+
+
+def test_a_failing_batch_fails_each_waiter_not_the_worker() -> None:
+    from serving.recommend import MicroBatcher
+
+    def fn(jobs):
+        raise RuntimeError("model exploded")
+
+    async def scenario():
+        b = MicroBatcher(fn)
+        futs = [b.enqueue(u, 1, None) for u in ("x", "y")]
+        errors = []
+        for f in futs:
+            try:
+                await f
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        b.close()
+        return errors
+
+    assert asyncio.run(scenario()) == ["model exploded", "model exploded"]
