@@ -194,9 +194,14 @@ def train_ranker(
 
 
 def step_train_ranker(settings: Settings, state: Any) -> str:
-    """Demo: train the DLRM ranker on ML-100K (or the demo's source), log to MLflow, register ``ranker``."""
-    source = getattr(state, "source", "ml-100k")
-    r = train_ranker(settings=settings, source=source, epochs=3, progress=False)
+    """Demo: train the DLRM ranker on the same lake events and temporal split as the demo's two-tower,
+    with that two-tower plugged in as a candidate source (as serving assembles them), log to MLflow,
+    register ``ranker``. Same data window as the two-tower, so the promotion gate judges both on
+    the same unseen days."""
+    values = getattr(state, "values", {})
+    two_tower = f"models:/{settings.registry.retrieval_model}/{values['two_tower_version']}" if values.get("two_tower_version") else None
+    source = "lake"
+    r = train_ranker(settings=settings, source=source, protocol="temporal", two_tower=two_tower, epochs=3, progress=False)
     state.values["two_stage"] = r.__dict__["two_stage"]
     state.values["two_stage_source"] = source
     m = r.test_metrics
