@@ -49,6 +49,7 @@ import numpy as np
 
 from core.config import Settings
 from core.schemas import DataError
+from models.artifacts import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -99,14 +100,6 @@ class EvalSet:
 def eval_set_root(settings: Settings) -> Path:
     p = settings.registry.eval_set_dir
     return p if p.is_absolute() else settings.paths.root / p
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _frames_for(settings: Settings, cutoff: date, end: date | None) -> tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]:
@@ -173,7 +166,7 @@ def freeze_eval_set(settings: Settings, *, cutoff: date | None = None, end: date
             # no pandas metadata, fixed writer options: identical data -> identical bytes -> same hash
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None),
                            tmp / name, compression="zstd", write_statistics=False)
-        files = {name: _file_sha(tmp / name) for name in EVAL_FILES}
+        files = {name: sha256_file(tmp / name) for name in EVAL_FILES}
         digest = hashlib.sha256(json.dumps([cutoff.isoformat(), end.isoformat(), files], sort_keys=True).encode()).hexdigest()
         version = f"{cutoff.isoformat()}_{digest[:12]}"
         manifest = {"version": version, "cutoff": cutoff.isoformat(), "end": end.isoformat(), "sha256": digest,
@@ -208,7 +201,7 @@ def load_eval_set(settings: Settings, version: str | None = None) -> EvalSet:
         raise DataError(f"evaluation set {version!r} not found under {root}")
     manifest = json.loads(mpath.read_text())
     for name, digest in manifest["files"].items():
-        if _file_sha(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             raise DataError(f"evaluation set {version}: {name} does not match its recorded SHA-256 (modified or corrupt); "
                             "freeze a new one instead of editing it")
     frames = [pq.read_table(folder / name).to_pandas() for name in EVAL_FILES]

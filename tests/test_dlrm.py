@@ -19,19 +19,11 @@ def _split(data: InteractionData, share: float, seed: int = 0) -> tuple[Interact
     return sub(~held), sub(held)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny models 10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(_one_thread):
+def tiny(one_torch_thread):
     """Synthetic events (affinity-driven) -> history / labelled parts and rating-style examples."""
     from datetime import date
 
