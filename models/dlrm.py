@@ -497,7 +497,7 @@ class DLRMScorer:
 
     def __init__(self, config: DLRMConfig, features: RankingFeatures, state_dict: dict[str, Any], *,
                  dense_mean: np.ndarray, dense_std: np.ndarray, calibration: tuple[float, float] = (1.0, 0.0),
-                 quantize: bool = False) -> None:
+                 quantize: bool = False, precision: str = "fp32") -> None:
         import torch
 
         self.config = config
@@ -512,8 +512,30 @@ class DLRMScorer:
         dlrm = self.model.dlrm
         bags = dlrm.sparse_arch.embedding_bag_collection.embedding_bags
         self._weights = {name: bags[name].weight.detach() for name in ("t_user", "t_item", "t_cat")}
+        self._item_cats_table: "torch.Tensor | None" = None
+        self.set_precision(precision)
+        # normalised dense tables (the same float32 arithmetic as normalising per row, done once)
+        n_u, n_i = len(USER_DENSE), len(ITEM_DENSE)
+        self._user_dense_n = (features.user_dense - self.dense_mean[:n_u]) / self.dense_std[:n_u]
+        self._item_dense_n = (features.item_dense - self.dense_mean[n_u:n_u + n_i]) / self.dense_std[n_u:n_u + n_i]
         if quantize:
             self.quantize()
+
+    def set_precision(self, precision: str) -> "DLRMScorer":
+        """Compute precision of the MLPs on the request path: ``fp32`` (exact), ``bf16`` or ``auto``
+        (bf16 where the CPU has native bf16 matrix units; see :mod:`models.inference`)."""
+        from torch import nn
+
+        from models.inference import LinearStack
+
+        dlrm = self.model.dlrm
+        dense_lin = [m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear)]
+        over_lin = [m for m in dlrm.over_arch.modules() if isinstance(m, nn.Linear)]
+        # TorchRec's DenseArch applies ReLU after every layer, OverArch after all but the last
+        self._dense_mlp = LinearStack(dense_lin, [True] * len(dense_lin), precision=precision)
+        self._over_mlp = LinearStack(over_lin, [True] * (len(over_lin) - 1) + [False], precision=precision)
+        self.precision = self._over_mlp.precision
+        return self
 
     # -- int8 -------------------------------------------------------------------------------
     def quantize(self) -> "DLRMScorer":
@@ -522,7 +544,21 @@ class DLRMScorer:
 
         self._q = {n: torch.ops.fbgemm.FloatToFused8BitRowwiseQuantized(w.contiguous()) for n, w in self._weights.items()}
         self.quantized = True
+        self._item_cats_table = None
         return self
+
+    def _item_cats(self) -> "torch.Tensor":
+        """Each item's mean-pooled category embedding, ``(n_items + 1, D)`` (last row: unknown item,
+        no categories -> zeros), pooled once: item categories only change with a new model."""
+        if self._item_cats_table is None:
+            import torch
+
+            n = self.features.n_items
+            values, lengths = self.features.sparse_parts(np.zeros(n, dtype=np.int64), np.arange(n))["item_cats"]
+            with torch.inference_mode():
+                pooled = self._bag_mean("t_cat", values, lengths)
+                self._item_cats_table = torch.cat([pooled, torch.zeros(1, pooled.shape[1])])
+        return self._item_cats_table
 
     def _rows(self, table: str, idx: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -549,37 +585,42 @@ class DLRMScorer:
     # -- scoring ----------------------------------------------------------------------------
     def logits(self, user_idx: np.ndarray, item_idx: np.ndarray, extra: np.ndarray | None = None, *,
                request_of_row: np.ndarray | None = None, request_users: np.ndarray | None = None) -> np.ndarray:
-        """Raw logits. With ``request_users`` (one user per request) and ``request_of_row`` (the
-        request of each row), user-side embeddings are computed once per request."""
+        """Raw logits: TorchRec's DLRM forward (checked against it by :meth:`reference_logits`), laid
+        out for serving. With ``request_users`` (one user per request) and ``request_of_row`` (the
+        request of each row), user-side embeddings are computed once per request; item-side
+        category bags and the dense normalisation come from tables built once per model; the
+        MLPs run fused on oneDNN in :attr:`precision`."""
         import torch
 
         user_idx = np.asarray(user_idx, dtype=np.int64)
         item_idx = np.asarray(item_idx, dtype=np.int64)
-        self.features.check_indices(user_idx, item_idx)
-        extra = self._check_extra(extra, len(item_idx))
-        dense = torch.from_numpy(self._normalise(self.features.dense(user_idx, item_idx, extra)))
         feats = self.features
+        feats.check_indices(user_idx, item_idx)
+        extra = self._check_extra(extra, len(item_idx))
         if request_users is None:
-            request_users = user_idx
-            request_of_row = np.arange(len(user_idx))
+            request_users, request_of_row = user_idx, None
         req_u = np.asarray(request_users, dtype=np.int64)
+        u_rows = np.where(user_idx < 0, feats.n_users, user_idx)
+        i_rows = np.where(item_idx < 0, feats.n_items, item_idx)
+        n_fixed = len(USER_DENSE) + len(ITEM_DENSE)
+        dense = np.concatenate([self._user_dense_n[u_rows], self._item_dense_n[i_rows],
+                                (extra - self.dense_mean[n_fixed:]) / self.dense_std[n_fixed:]], axis=1)
         parts_u = feats.sparse_parts(req_u, np.zeros(len(req_u), dtype=np.int64))
-        parts_i = feats.sparse_parts(np.zeros(len(item_idx), dtype=np.int64), item_idx)
         with torch.inference_mode():
             emb = {
                 "user_id": self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
                 "user_hist": self._bag_mean("t_item", *parts_u["user_hist"]),
-                "item_id": self._rows("t_item", torch.from_numpy(parts_i["item_id"][0])),
-                "item_cats": self._bag_mean("t_cat", *parts_i["item_cats"]),
+                "item_id": self._rows("t_item", torch.from_numpy(i_rows)),
+                "item_cats": self._item_cats()[torch.from_numpy(i_rows)],
             }
-            row_req = torch.from_numpy(np.asarray(request_of_row, dtype=np.int64))
-            if len(req_u) != len(item_idx) or not np.array_equal(request_of_row, np.arange(len(item_idx))):
+            if request_of_row is not None:
+                row_req = torch.from_numpy(np.asarray(request_of_row, dtype=np.int64))
                 emb["user_id"] = emb["user_id"][row_req]
                 emb["user_hist"] = emb["user_hist"][row_req]
             dlrm = self.model.dlrm
             sparse = torch.stack([emb[name] for name in dlrm.sparse_arch.sparse_feature_names], dim=1)
-            dense_emb = dlrm.dense_arch(dense)
-            out = dlrm.over_arch(dlrm.inter_arch(dense_features=dense_emb, sparse_features=sparse)).squeeze(-1)
+            dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
+            out = self._over_mlp(dlrm.inter_arch(dense_features=dense_emb, sparse_features=sparse)).squeeze(-1)
         return out.numpy()
 
     def score(self, user_idx: np.ndarray, item_idx: np.ndarray, extra: np.ndarray | None = None, **kw: Any) -> np.ndarray:
@@ -624,7 +665,7 @@ class DLRMScorer:
                         arrays=arrays, feature_service_version=feature_service_version, metadata=dict(metadata or {}))
 
     @classmethod
-    def from_artifact(cls, artifact, *, quantize: bool = False) -> "DLRMScorer":
+    def from_artifact(cls, artifact, *, quantize: bool = False, precision: str = "fp32") -> "DLRMScorer":
         if artifact.kind != "dlrm":
             raise DataError(f"not a DLRM ranker artifact (kind={artifact.kind!r})")
         cfg = artifact.typed_config()
@@ -639,7 +680,7 @@ class DLRMScorer:
                             extra_dense=tuple(cfg.extra_dense), embedding_dim=cfg.embedding_dim,
                             dense_arch=tuple(cfg.dense_arch), over_arch=tuple(cfg.over_arch), history_len=cfg.history_len)
         return cls(config, feats, artifact.state_dict, dense_mean=arrays["dense_mean"], dense_std=arrays["dense_std"],
-                   calibration=tuple(cfg.calibration), quantize=quantize)
+                   calibration=tuple(cfg.calibration), quantize=quantize, precision=precision)
 
     def save(self, folder, **kw: Any):
         from models.artifacts import save_artifact
@@ -647,11 +688,11 @@ class DLRMScorer:
         return save_artifact(folder, artifact=self.to_artifact(**kw))
 
     @classmethod
-    def load(cls, folder_or_uri, *, settings=None, quantize: bool = False) -> "DLRMScorer":
+    def load(cls, folder_or_uri, *, settings=None, quantize: bool = False, precision: str = "fp32") -> "DLRMScorer":
         """From an artifact folder or ``models:/ranker@champion`` (with ``settings``)."""
         from models.artifacts import load_artifact
 
-        return cls.from_artifact(load_artifact(folder_or_uri, settings=settings), quantize=quantize)
+        return cls.from_artifact(load_artifact(folder_or_uri, settings=settings), quantize=quantize, precision=precision)
 
     # -- MLflow pyfunc ------------------------------------------------------------------------
     def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -363,11 +363,32 @@ class EmbeddingSource:
             vecs, signal = self._user[np.where(known, user_idx, 0)], known
         return np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(signal, bool)
 
+    def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``depth`` index rows per query, best first. An exact (flat) inner-product index is
+        searched as one matrix product + ``argpartition`` (the same answer ~5x faster than FAISS's
+        heap-based flat search at the hundreds of results a request asks for); ANN indexes go
+        through FAISS."""
+        import faiss
+
+        if isinstance(self.index, faiss.IndexFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT:
+            import torch  # its GEMM honours the worker's thread count; numpy's BLAS may spin extra threads
+
+            scores = (torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+                      @ torch.from_numpy(self.item_vectors).T).numpy()
+            rows = np.argpartition(-scores, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1] else \
+                np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+            top = np.take_along_axis(scores, rows, axis=1)
+            order = np.argsort(-top, axis=1, kind="stable")
+            return np.take_along_axis(top, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        return self.index.search(queries, depth)
+
     def retrieve(self, user_idx, history, n, *, exclude=None):
         q, signal = self.query_vectors(np.asarray(user_idx), history)
         extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
         depth = min(self.index.ntotal, n + extra + self._unmapped)
-        scores, items = self.index.search(q, depth)
+        if depth <= 0:
+            return np.full((len(q), 0), -1, np.int64), np.zeros((len(q), 0), np.float32)
+        scores, items = self.search(q, depth)
         items = items.astype(np.int64)
         if self.item_ids is not None:
             items = np.where(items >= 0, self.item_ids[np.maximum(items, 0)], -1)
@@ -926,7 +947,8 @@ def _history_in(history: Any, users: IdMap, items: IdMap) -> sp.csr_matrix:
 
 def pipeline_from_artifacts(retrieval: Any, ranker_artifact: Any, *, n_candidates: int | None = 500,
                             history: Any = None, quotas: dict[str, int] | None = None,
-                            max_category_share: float | None | str = "saved", quantize: bool = False) -> TwoStagePipeline:
+                            max_category_share: float | None | str = "saved", quantize: bool = False,
+                            precision: str = "fp32") -> TwoStagePipeline:
     """Rebuild the serving pipeline from artifacts alone.
 
     ``retrieval``: the built two-tower servable (``Artifact.build()`` of a ``two_tower`` artifact,
@@ -936,7 +958,8 @@ def pipeline_from_artifacts(retrieval: Any, ranker_artifact: Any, *, n_candidate
     ``ranker_artifact``: a ``dlrm`` artifact written by :func:`pipeline_artifact`.
     ``history``: users' consumed items (``InteractionData`` or a CSR in the ranker's space); by
     default the training-time history saved in the artifact. ``n_candidates=None`` keeps the
-    saved value."""
+    saved value. ``quantize`` / ``precision``: the ranker's int8 embeddings and MLP compute
+    precision (:meth:`models.dlrm.DLRMScorer.set_precision`); serving chooses, evaluation keeps fp32."""
     from models.dlrm import DLRMScorer
 
     if getattr(ranker_artifact, "kind", None) != "dlrm":
@@ -948,7 +971,7 @@ def pipeline_from_artifacts(retrieval: Any, ranker_artifact: Any, *, n_candidate
                             "pipeline was part of the artifact): retrain the ranker")
     if retrieval is not None and hasattr(retrieval, "kind") and hasattr(retrieval, "build"):
         retrieval = retrieval.build()
-    scorer = DLRMScorer.from_artifact(ranker_artifact, quantize=quantize)
+    scorer = DLRMScorer.from_artifact(ranker_artifact, quantize=quantize, precision=precision)
     feats = scorer.features
     arrays = ranker_artifact.arrays
     sources: list[Any] = []

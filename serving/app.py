@@ -182,14 +182,16 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise ApiError(403, "invalid API key")
 
-    def require_key(request: Request) -> None:
+    # ``async def`` dependencies: FastAPI runs a plain ``def`` one on the thread pool, one thread
+    # hop per request for a dictionary lookup
+    async def require_key(request: Request) -> None:
         _check_key(request)
 
-    def require_key_for_reads(request: Request) -> None:
+    async def require_key_for_reads(request: Request) -> None:
         if cfg.require_key_for_reads:
             _check_key(request)
 
-    def require_admin(request: Request) -> None:
+    async def require_admin(request: Request) -> None:
         if cfg.api_key is None:
             raise ApiError(403, "admin endpoints are disabled: configure serving.api_key")
         _check_key(request)

@@ -121,11 +121,12 @@ class Engine:
 
 
 def build_engine(retrieval_art: Any, ranker_art: Any | None, *, n_candidates: int = 500,
-                 model_threads: int = 1) -> Engine:
+                 model_threads: int = 1, precision: str = "fp32") -> Engine:
     """Assemble the two-stage pipeline from a two-tower artifact and (optionally) a ranker artifact.
 
     A missing or incompatible ranker degrades to retrieval-only (``Engine.degraded`` says why)
-    instead of failing: ranking improves the order, retrieval alone still personalises."""
+    instead of failing: ranking improves the order, retrieval alone still personalises.
+    ``precision``: the ranker's MLP compute precision (``serving.ranker_precision``)."""
     import torch
 
     torch.set_num_threads(model_threads)
@@ -136,7 +137,7 @@ def build_engine(retrieval_art: Any, ranker_art: Any | None, *, n_candidates: in
     try:
         from models.two_stage import pipeline_from_artifacts
 
-        pipeline = pipeline_from_artifacts(retrieval, ranker_art, n_candidates=n_candidates)
+        pipeline = pipeline_from_artifacts(retrieval, ranker_art, n_candidates=n_candidates, precision=precision)
     except Exception as exc:  # noqa: BLE001 - any incompatibility means: serve retrieval only
         eng = Engine(retrieval, None, retrieval.items, retrieval.users, versions, degraded=f"ranker_unusable: {exc}")
         return eng

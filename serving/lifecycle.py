@@ -75,7 +75,8 @@ class ModelManager:
                     self.status.ok, self.status.error = True, None
                     return self.engine
                 engine = build_engine(retrieval, ranker, n_candidates=self.settings.serving.candidates,
-                                      model_threads=self.settings.serving.model_threads)
+                                      model_threads=self.settings.serving.model_threads,
+                                      precision=self.settings.serving.ranker_precision)
                 engine.warm_up()
             except Exception as exc:  # noqa: BLE001 - keep serving what we have
                 self.status.error = f"{type(exc).__name__}: {exc}"

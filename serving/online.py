@@ -80,20 +80,14 @@ class OnlineFeatures:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- reads --------------------------------------------------------------------------------
-    def _history(self, user_id: str) -> list[str]:
-        feats = self.client.user_features(user_id)
-        return [str(i) for i in (feats.get("recent_items") or [])]
-
     def _histories(self, jobs: list[Any]) -> list[Any]:
-        """One pool hop for every request queued meanwhile (each user still one cached/Feast read);
-        a failing read becomes that request's exception, not the batch's."""
-        out: list[Any] = []
-        for job in jobs:
-            try:
-                out.append(self._history(job.user_id))
-            except Exception as exc:  # noqa: BLE001 - returned, raised in the request's own task
-                out.append(exc)
-        return out
+        """One pool hop and ONE store read (cache misses only) for every request queued meanwhile;
+        a failing read becomes each request's exception (raised in its own task), not the batch's."""
+        try:
+            feats = self.client.users_features([job.user_id for job in jobs], derived=False)
+        except Exception as exc:  # noqa: BLE001 - returned, raised in each request's task
+            return [exc] * len(jobs)
+        return [[str(i) for i in (f.get("recent_items") or [])] for f in feats]
 
     async def user_history(self, user_id: str, *, timeout_s: float) -> list[str]:
         """The user's recent items, newest first ([] for a user the store does not know).

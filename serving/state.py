@@ -78,6 +78,7 @@ class ServingState:
             "model_source": status.source,
             "model_error": status.error,
             "ranker": None if engine is None else ("ok" if engine.pipeline is not None else engine.degraded),
+            "ranker_precision": engine.pipeline.ranker.precision if engine is not None and engine.pipeline is not None else None,
             "features": self.features.status(),
             "eventlog": {"backend": self.log.backend, "ok": self.log_ok, "durable": self.log.durable,
                          "note": self.log.durability_note},

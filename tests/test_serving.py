@@ -93,8 +93,10 @@ def test_ready_happy_path_ranked_by_dlrm_and_metrics(world, server) -> None:
     s = world["settings"]
     recent = [str(i) for i in (OnlineFeatureClient(s, load_items=False).user_features(user)["recent_items"] or [])]
     engine = build_engine(load_from_registry("models:/two_tower@champion", s),
-                          load_from_registry("models:/ranker@champion", s), n_candidates=s.serving.candidates)
+                          load_from_registry("models:/ranker@champion", s), n_candidates=s.serving.candidates,
+                          precision=s.serving.ranker_precision)
     assert engine.pipeline is not None and engine.versions == world["versions"]
+    assert r.json()["items"] and c.get("/readyz").json()["detail"]["ranker_precision"] == engine.pipeline.ranker.precision
     [(want_items, want_scores)], _ = engine.recommend([user], k=7, histories=[recent])
     assert [it["item_id"] for it in body["items"]] == want_items
     assert [it["score"] for it in body["items"]] == pytest.approx(want_scores, abs=1e-5)
