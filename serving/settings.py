@@ -37,6 +37,10 @@ class ServingSettings(Section):
     microbatch_max: int = Field(64, ge=1, description="Most concurrent requests scored in one batched model call.")
     microbatch_wait_ms: float = Field(0.0, ge=0, description="Extra wait to fill a micro-batch (0: take whatever is queued).")
     model_threads: int = Field(1, ge=1, description="Torch intra-op threads per worker (1 per worker on small machines).")
+    gil_switch_interval_ms: float = Field(
+        0.5, gt=0, description="CPython's GIL switch interval in a worker (default 5 ms). The event loop, the "
+        "feature-read thread and the model thread share one GIL; a thread that wants it waits up to this long, "
+        "which adds directly to request latency.")
     ranker_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision of the ranker's MLPs: fp32 (bit-for-bit the offline scores), bf16 "
         "(~3x faster where the CPU has AMX / AVX512-BF16; scores within ~1e-2, see docs/serving.md) or auto "

@@ -120,7 +120,8 @@ def test_ready_happy_path_ranked_by_dlrm_and_metrics(world, server) -> None:
                    'recsys_http_requests_total{endpoint="recommendations",status="200"}'):
         assert needle in text, needle
     assert c.get("/docs").status_code == 200
-    assert "/v1/recommendations/{user_id}" in c.get("/openapi.json").json()["paths"]
+    spec = c.get("/openapi.json").json()["paths"]["/v1/recommendations/{user_id}"]["get"]
+    assert {p["name"] for p in spec["parameters"]} == {"user_id", "k", "context"}  # hand-parsed, still documented
 
 
 def test_cold_start_gets_popular_items_in_context(world, server) -> None:
@@ -323,3 +324,26 @@ def test_hot_swap_under_load_fails_no_request(world, server) -> None:
     after = httpx.get(f"{server.url}/v1/recommendations/{user}").json()
     assert after["model_versions"] == {"two_tower": new_version, "ranker": world["ranker"]}
     assert after["fallback_reason"] is None
+
+
+def test_reads_can_require_the_key_and_k_is_checked_in_process(tmp_path) -> None:
+    """The recommendations route parses ``k``/``context`` and checks the read key itself (no
+    FastAPI parameter solving on the hot path): same rules, same clear 4xx messages. No models
+    here: the popularity fallback answers."""
+    from fastapi.testclient import TestClient
+
+    from core.config import load_settings
+    from serving.app import create_app
+
+    s = load_settings(root=tmp_path, environ={}, overrides={"environment": "test", "serving": {
+        "api_key": "secret", "require_key_for_reads": True, "registry_poll_s": 0, "max_k": 50}})
+    with TestClient(create_app(s)) as c:
+        assert c.get("/v1/recommendations/u1").status_code == 401
+        assert c.get("/v1/recommendations/u1", headers={"X-API-Key": "nope"}).status_code == 403
+        ok = c.get("/v1/recommendations/u1", params={"k": 3}, headers={"X-API-Key": "secret"})
+        assert ok.status_code == 200 and ok.json()["fallback_reason"] == "model_unavailable"
+        for k, msg in (("0", "k must be in 1..50"), ("51", "k must be in 1..50"), ("x", "k must be an integer")):
+            r = c.get("/v1/recommendations/u1", params={"k": k}, headers={"X-API-Key": "secret"})
+            assert r.status_code == 422 and msg in r.json()["error"], r.json()
+        r = c.get("/v1/recommendations/u1", params={"context": "x" * 600}, headers={"X-API-Key": "secret"})
+        assert r.status_code == 422 and "context" in r.json()["error"]
