@@ -231,6 +231,11 @@ def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: 
     return out
 
 
+def _batch_mean(metrics_text: str) -> float | None:
+    vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", metrics_text, re.M))
+    return round(float(vals["sum"]) / float(vals["count"]), 2) if vals.get("count") and float(vals["count"]) else None
+
+
 # ---- main -----------------------------------------------------------------------------------
 def spread(values: list[float]) -> dict:
     vals = [v for v in values if v is not None]
@@ -259,6 +264,46 @@ def model_served(before: dict[str, float], after: dict[str, float]) -> dict:
     fell = sum(v for k, v in diff.items() if k not in ("features_unavailable", "ranker_unavailable"))
     return {"responses": int(n), "fallbacks": {k: int(v) for k, v in diff.items() if v},
             "model_served_share": round(1 - fell / n, 4) if n else None}
+
+
+def worker_pids(root_pid: int) -> list[int]:
+    """The uvicorn worker processes under the server's supervisor (Linux /proc)."""
+    kids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == root_pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the workers' threads, summed by OS thread name (``core.threads``)."""
+    from core.threads import os_thread_names
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in pids:
+        for tid, name in os_thread_names(pid).items():
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: float) -> dict[str, float]:
+    """Server CPU ms per request, by thread: where the time goes (the model thread, the event loop ...)."""
+    if requests <= 0:
+        return {}
+    diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    out = {k: round(v * 1000 / requests, 3) for k, v in sorted(diff.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {"total": round(sum(diff.values()) * 1000 / requests, 3), **out}
 
 
 def load_avg() -> list[float]:
@@ -303,6 +348,7 @@ def http_part(args, work: Path) -> dict:
         res["setup"]["ready"] = info
         if info["detail"].get("ranker") != "ok":
             raise SystemExit(f"the server does not rank with the DLRM: {info['detail']}")
+        workers = worker_pids(srv.proc.pid)
         rec_lua = lua_recommend(users, work / "rec.lua")
         ev1 = lua_events(users, items, 1, work / "ev1.lua")
         ev50 = lua_events(users, items, 50, work / "ev50.lua")
@@ -314,8 +360,11 @@ def http_part(args, work: Path) -> dict:
             la = load_avg()
             runs["noop"].append({**run_wrk(srv.url + "/noop", script=None, connections=args.connections, duration=args.duration), "load_avg": la})
             before = rec_counters(srv.url)
-            runs["recommend"].append({**run_wrk(srv.url + "/", script=rec_lua, connections=args.connections, duration=args.duration),
-                                      "load_avg": la, **model_served(before, rec_counters(srv.url))})
+            cpu0 = thread_cpu(workers)
+            rec_run = run_wrk(srv.url + "/", script=rec_lua, connections=args.connections, duration=args.duration)
+            cpu1 = thread_cpu(workers)
+            runs["recommend"].append({**rec_run, "load_avg": la, **model_served(before, rec_counters(srv.url)),
+                                      "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, rec_run["rps"] * args.duration)})
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
             half = runs["recommend"][-1]["rps"] / 2
             before = rec_counters(srv.url)
@@ -349,6 +398,8 @@ def http_part(args, work: Path) -> dict:
                         f"{settings.serving.candidates} candidates) -> filter -> DLRM ranker (one batched forward per "
                         "micro-batch) -> diversity -> top-20"),
         "stage_metrics_sample": [l for l in metrics_text.splitlines() if l.startswith("recsys_stage_seconds_sum")],
+        "model_batch_size_mean": _batch_mean(metrics_text),
+        "server_cpu_ms_per_request": runs["recommend"][len(runs["recommend"]) // 2].get("server_cpu_ms_per_request"),
     })
     return res
 
@@ -375,7 +426,8 @@ def main() -> None:
     http_keys = ("setup", "runs", "noop_rps", "recommend_rps", "recommend_to_noop", "recommend_p99_ms_at_half_load",
                  "recommend_model_served_share", "open_loop_model_served_share",
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
-                 "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured")
+                 "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
+                 "model_batch_size_mean", "server_cpu_ms_per_request")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -444,6 +496,9 @@ def render_md(r: dict) -> str:
         f"`timeout`, etc.; `features_unavailable` still counts as model-served): closed loop "
         f"{r.get('recommend_model_served_share')}, open loop at half load {r.get('open_loop_model_served_share')} "
         f"(per-run fallback counts in the JSON).", "",
+        f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
+        f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
+        f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}.", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
         f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
         "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",

@@ -631,6 +631,9 @@ class OnlineFeatureClient:
         every = float(interval_s or self.settings.features.item_refresh_interval_s)
 
         def loop() -> None:
+            from core.threads import name_os_thread
+
+            name_os_thread()
             while not self._stop.wait(every):
                 try:
                     self.refresh_items()

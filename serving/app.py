@@ -142,7 +142,10 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         from serving.metrics import mark_process_dead
         from serving.state import build_state, close_state
 
+        from core.threads import name_os_thread
+
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)  # see ServingSettings.gil_switch_interval_ms
+        name_os_thread("event-loop")
         state = await build_state(settings)
         app.state.serving = state
         try:

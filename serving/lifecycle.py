@@ -159,6 +159,9 @@ class ModelManager:
         self._marker_moved()  # remember the marker as it is at start
 
         def loop() -> None:
+            from core.threads import name_os_thread
+
+            name_os_thread()
             last = time.monotonic()
             while not self._stop.wait(1.0 if interval <= 0 else min(1.0, interval)):
                 try:

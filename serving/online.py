@@ -33,7 +33,9 @@ class OnlineFeatures:
         self.settings = settings
         self.client: Any = None
         self.error: str | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="features")
+        from core.threads import name_os_thread
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="feature-updates", initializer=name_os_thread)
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._batcher: Any = None  # serving.recommend.MicroBatcher of feature reads, made on first use
@@ -102,7 +104,7 @@ class OnlineFeatures:
         if self._batcher is None:
             from serving.recommend import MicroBatcher
 
-            self._batcher = MicroBatcher(self._histories, max_batch=256)
+            self._batcher = MicroBatcher(self._histories, max_batch=256, name="feature-reads")
         fut = self._batcher.enqueue(user_id, 0, None)
         async with asyncio.timeout(timeout_s):  # on expiry the awaited job future is cancelled: its batch skips it
             res = await fut

@@ -44,14 +44,17 @@ class MicroBatcher:
     """Collects concurrent jobs and runs ``fn(jobs)`` on one worker thread (see module docstring)."""
 
     def __init__(self, fn: Callable[[list[ModelJob]], list[Any]], *, max_batch: int = 64, wait_ms: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, name: str = "model"):
         self.fn = fn
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
         self.on_batch = on_batch
         self._pending: list[ModelJob] = []
         self._draining = False
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        from core.threads import name_os_thread
+
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=name_os_thread,
+                                                               initargs=(name,))
 
     def enqueue(self, user_id: str, k: int, history: list[str] | None) -> asyncio.Future:
         """Queue a job; returns its future. Cancel the future when its caller gives up (deadline):

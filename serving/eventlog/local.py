@@ -101,6 +101,9 @@ class GroupCommitWriter:
             view = view[n:]
 
     def _run(self) -> None:
+        from core.threads import name_os_thread
+
+        name_os_thread()
         while True:
             with self._cv:
                 while not self._pending and not self._closing:
