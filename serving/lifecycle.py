@@ -88,6 +88,11 @@ class ModelManager:
             self.status = LoadStatus(True, source, None, self.status.attempted_at, dict(engine.versions))
             if self._on_swap is not None:
                 self._on_swap(old, engine)
+            del old  # the previous engine goes with the last request holding it (reference counting)
+            if self.settings.serving.gc_freeze:
+                import gc
+
+                gc.freeze()  # the new engine's objects join the frozen heap (see ServingSettings.gc_freeze)
             log.info("serving models %s (from %s)", engine.versions, source)
             return engine
 

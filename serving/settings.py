@@ -41,6 +41,10 @@ class ServingSettings(Section):
         0.5, gt=0, description="CPython's GIL switch interval in a worker (default 5 ms). The event loop, the "
         "feature-read thread and the model thread share one GIL; a thread that wants it waits up to this long, "
         "which adds directly to request latency.")
+    gc_freeze: bool = Field(
+        True, description="Move everything alive after start-up (and after each model swap) out of the cyclic "
+        "garbage collector's reach (gc.freeze): a full collection over a loaded worker's ~700K objects "
+        "stalls every request for ~250 ms; frozen objects are still freed by reference counting.")
     ranker_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision of the ranker's MLPs: fp32 (bit-for-bit the offline scores), bf16 "
         "(~3x faster where the CPU has AMX / AVX512-BF16; scores within ~1e-2, see docs/serving.md) or auto "

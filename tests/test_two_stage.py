@@ -382,3 +382,29 @@ def test_exact_search_matches_faiss_flat():
     assert isinstance(hnsw.index, faiss.IndexHNSWFlat)
     _, found = hnsw.search(queries, 10)
     assert found.shape == (7, 10) and (found >= 0).all()
+
+
+def test_numpy_kernels_match_scipy():
+    """The request-path kernels (history x item-item weights, exclusion filter) give scipy's answers."""
+    import scipy.sparse as sp
+
+    from models.two_stage import _csr_rows_times, _filter_ranked
+
+    rng = np.random.default_rng(3)
+    w = sp.random(60, 60, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    h = sp.random(5, 60, density=0.08, random_state=2, format="csr", dtype=np.float32)
+    h[4] = 0  # an empty history row
+    h.eliminate_zeros()
+    np.testing.assert_allclose(_csr_rows_times(h, w), (h @ w).toarray(), rtol=1e-5, atol=1e-6)
+    assert _csr_rows_times(sp.csr_matrix((2, 60), dtype=np.float32), w).shape == (2, 60)
+    items = np.stack([rng.permutation(60)[:20] for _ in range(5)]).astype(np.int64)
+    items[1, 3] = -1
+    scores = -np.sort(-rng.random((5, 20)).astype(np.float32), axis=1)
+    exclude = sp.csr_matrix((np.ones(4, np.float32), ([0, 0, 2, 3], [items[0, 0], items[0, 5], items[2, 19], 59])), shape=(5, 60))
+    got_i, got_s = _filter_ranked(items, scores, exclude, 18)
+    for r in range(5):
+        bad = set(exclude[r].indices)
+        want = [(i, s_) for i, s_ in zip(items[r], scores[r]) if i >= 0 and i not in bad][:18]
+        assert got_i[r][: len(want)].tolist() == [i for i, _ in want]
+        assert (got_i[r][len(want):] == -1).all() and (got_s[r][len(want):] == 0).all()
+        np.testing.assert_array_equal(got_s[r][: len(want)], [s_ for _, s_ in want])
