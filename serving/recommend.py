@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -100,6 +102,20 @@ class MicroBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+_ID_STATE: tuple[int, str] = (0, "")  # (pid, random prefix): a forked child draws its own prefix
+_ID_COUNTER = itertools.count()
+
+
+def _request_id() -> str:
+    """32 hex characters, unique across workers and restarts: a random per-process prefix plus a
+    counter (``uuid4`` reads the OS random source on every request)."""
+    global _ID_STATE
+    pid = os.getpid()
+    if _ID_STATE[0] != pid:
+        _ID_STATE = (pid, uuid.uuid4().hex[:16])
+    return f"{_ID_STATE[1]}{next(_ID_COUNTER):016x}"
+
+
 def run_model_batch(state: "ServingState", jobs: list[ModelJob]) -> list[Any]:
     """Runs on the model thread: one engine (read once: swap-safe), one pipeline call."""
     engine = state.models.engine
@@ -111,6 +127,10 @@ def run_model_batch(state: "ServingState", jobs: list[ModelJob]) -> list[Any]:
     t = time.perf_counter()
     recs, timings = engine.recommend([j.user_id for j in jobs], k=k, histories=histories, blocked=blocked)
     timings["model"] = time.perf_counter() - t
+    from serving.metrics import observe_many
+
+    for stage, sec in timings.items():  # once per batch, counted once per request of the batch
+        observe_many(state.metrics.stage.labels(stage=stage), sec, len(jobs))
     return [(items[: j.k], scores[: j.k], timings, engine) for j, (items, scores) in zip(jobs, recs)]
 
 
@@ -120,7 +140,7 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
     m = state.metrics
     t0 = time.perf_counter()
     deadline = t0 + cfg.total_budget_ms / 1000.0
-    request_id = uuid.uuid4().hex
+    request_id = _request_id()
     reason: str | None = None
     timings: dict[str, float] = {}
 
@@ -157,9 +177,7 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
                 res = await fut
             items, scores, stage_t, used = res
             versions = dict(used.versions)
-            for stage, sec in stage_t.items():
-                m.stage.labels(stage=stage).observe(sec)
-                timings[stage] = sec
+            timings.update(stage_t)  # observed in the metrics once per batch (run_model_batch)
             if used.degraded and reason is None:
                 reason = "ranker_unavailable"
         except asyncio.TimeoutError:

@@ -52,3 +52,31 @@ def test_a_failing_batch_fails_each_waiter_not_the_worker() -> None:
         return errors
 
     assert asyncio.run(scenario()) == ["model exploded", "model exploded"]
+
+
+def test_observe_many_equals_repeated_observations() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import BUCKETS, observe_many
+
+    reg = CollectorRegistry()
+    once = Histogram("batched", "x", buckets=BUCKETS, registry=reg)
+    each = Histogram("single", "x", buckets=BUCKETS, registry=reg)
+    for amount, n in ((0.004, 3), (0.2, 2), (9.0, 1), (0.001, 0)):
+        observe_many(once, amount, n)
+        for _ in range(n):
+            each.observe(amount)
+    def samples_of(name):
+        return [(s.name.replace(name, "h"), s.labels.get("le"), s.value) for m in reg.collect() if m.name == name
+                for s in m.samples if not s.name.endswith("_created")]
+
+    assert samples_of("batched") == samples_of("single")
+    samples = {(s.name, s.labels.get("le")): s.value for m in reg.collect() if m.name == "batched" for s in m.samples}
+    assert samples[("batched_count", None)] == 6 and samples[("batched_bucket", "0.005")] == 3
+
+
+def test_request_ids_are_unique_hex() -> None:
+    from serving.recommend import _request_id
+
+    ids = [_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
