@@ -24,7 +24,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: oneDNN builds (JIT-compiles) a kernel per input shape, ~1-2 ms each: a request path whose
 #: batch has a new row count every time would pay that on every call. Rows are padded up to a
 #: multiple of this, so a server sees a few dozen shapes, each built once (measured here: bucketed
-#: shapes run as fast as a fixed shape; ever-changing shapes ~2x slower).
+#: shapes run as fast as a fixed shape; ever-changing shapes ~2x slower). Below it, the next power
+#: of two (a one-request batch of the user tower must not compute 256 rows).
 ROW_BUCKET = 256
 
 
@@ -97,7 +98,8 @@ class LinearStack:
         import torch.nn.functional as F
 
         rows = x.shape[0]
-        pad = (-rows) % ROW_BUCKET if op is not None else 0
+        bucket = ROW_BUCKET if rows > ROW_BUCKET else 1 << max(rows - 1, 0).bit_length()  # small: next power of 2
+        pad = (-rows) % bucket if op is not None else 0
         h = x.to(self.dtype)
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])

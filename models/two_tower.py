@@ -441,6 +441,7 @@ class TwoTowerRetrieval:
         self.popularity = self.features.item_counts
         self._index = None
         self._index_bytes = arrays.get("faiss_index")
+        self._user_tower: UserTower | None = None
 
     @classmethod
     def from_artifact(cls, art: Artifact) -> "TwoTowerRetrieval":
@@ -457,7 +458,11 @@ class TwoTowerRetrieval:
         return self._index
 
     def user_vectors(self, user_idx: np.ndarray, histories: list[list[int]] | None = None) -> np.ndarray:
-        """Vectors of users by index (-1 = unknown user; then only ``histories`` inform it)."""
+        """Vectors of users by index (-1 = unknown user; then only ``histories`` inform it).
+
+        Served by :class:`UserTower` (the user features' bags pooled directly and the tower's
+        MLP fused; checked against the module by ``tests/test_two_tower.py``), which skips
+        TorchRec's jagged-tensor plumbing for the item keys a user row never fills."""
         user_idx = np.asarray(user_idx, dtype=np.int64)
         hist = None
         if histories is not None:
@@ -465,7 +470,9 @@ class TwoTowerRetrieval:
             lists = [list(h)[-cap:] if cap else [] for h in histories]
             hist = (np.array([len(h) for h in lists], dtype=np.int64),
                     np.array([i for h in lists for i in h], dtype=np.int64))
-        return user_vectors(self.model, self.builder, user_idx, hist=hist)
+        if self._user_tower is None:
+            self._user_tower = UserTower(self.model, self.builder)
+        return self._user_tower(user_idx, hist)
 
     def recommend(self, user_ids: list[str], *, k: int = 20, histories: list[list[str]] | None = None,
                   exclude_history: bool = True) -> list[tuple[list[str], list[float]]]:
@@ -516,6 +523,37 @@ def _merge_history(stored: list[int], recent: list[int]) -> list[int]:
         return stored
     fresh = set(recent)
     return [i for i in stored if i not in fresh] + list(dict.fromkeys(recent))
+
+
+class UserTower:
+    """The user tower for serving: each user feature's bag mean-pooled straight from its table
+    (``F.embedding_bag``, as the plain ``EmbeddingBagCollection`` does), the tower's MLP through
+    :class:`models.inference.LinearStack` in fp32, L2-normalised. The same numbers as
+    ``TwoTower.forward`` on the user keys, without building a ``KeyedJaggedTensor`` over every
+    key of both towers per request batch."""
+
+    def __init__(self, model: TwoTower, builder: FeatureBuilder) -> None:
+        from models.inference import LinearStack
+
+        self.builder = builder
+        bags = model.ebc.embedding_bags
+        table_of = {f: t.name for t in _tables(model.config) for f in t.feature_names}
+        self.weights = [(key, bags[table_of[key]].weight.detach()) for key in builder.user_keys]
+        linears = [m for m in model.user_tower if isinstance(m, nn.Linear)]
+        self.mlp = LinearStack(linears, [True] * (len(linears) - 1) + [False], precision="fp32")
+
+    def __call__(self, user_idx: np.ndarray, hist: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        if len(user_idx) == 0:
+            return np.zeros((0, self.mlp.out_features), np.float32)
+        parts = self.builder.user_parts(np.asarray(user_idx, dtype=np.int64), hist)
+        pooled = []
+        with torch.inference_mode():
+            for key, weight in self.weights:
+                lengths, values = parts[key]
+                offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
+                pooled.append(nn.functional.embedding_bag(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+                                                          weight, offsets, mode="mean"))
+            return nn.functional.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=1).numpy()
 
 
 def user_vectors(model: TwoTower, builder: FeatureBuilder, user_idx: np.ndarray, *,

@@ -535,6 +535,14 @@ class OnlineFeatureClient:
         now_s = time.time() if now is None else (now if isinstance(now, (int, float)) else _utc(now).timestamp())
         return [derive_user_dict(dict(r), now_s) for r in raws]  # type: ignore[arg-type]
 
+    def cached_user_features(self, user_id: str) -> dict[str, Any] | None:
+        """A user's stored features from the per-process cache when fresh (a copy), else None: a
+        caller on an event loop answers cache hits inline and only hands misses to a thread."""
+        hit = self._cache.get(str(user_id))
+        if hit is not None and hit[0] > time.monotonic():
+            return dict(hit[1])
+        return None
+
     def invalidate(self, user_id: str | None = None) -> None:
         """Drop one user's (or every) cached entry."""
         if user_id is None:

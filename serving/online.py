@@ -101,6 +101,9 @@ class OnlineFeatures:
             raise FeaturesUnavailable(self.error or "online features not loaded")
         if timeout_s <= 0:
             raise asyncio.TimeoutError
+        cached = self.client.cached_user_features(user_id)
+        if cached is not None:  # fresh in this worker's cache: no store read, no thread hop
+            return [str(i) for i in (cached.get("recent_items") or [])]
         if self._batcher is None:
             from serving.recommend import MicroBatcher
 

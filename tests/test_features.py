@@ -328,7 +328,12 @@ def test_apply_events_is_visible_immediately(store_settings, materialized) -> No
     from pipelines.features import OnlineFeatureClient
 
     client = OnlineFeatureClient(store_settings)
+    assert client.cached_user_features("u3") is None     # nothing read yet
     before = client.user_features("u3")                  # now cached in this process
+    cached = client.cached_user_features("u3")
+    assert cached is not None and cached["recent_items"] == before["recent_items"]
+    cached["recent_items"] = []                           # a copy: the cache is not touched
+    assert client.cached_user_features("u3")["recent_items"] == before["recent_items"]
     late = ts("2024-01-14 12:00")                         # older than the stored end-of-day snapshot
     result = client.apply_events(pd.DataFrame([
         {"user_id": "u3", "item_id": "i7", "event_type": "rate", "value": 5.0, "timestamp": late},

@@ -140,6 +140,12 @@ def test_artifact_round_trip_same_scores_and_serving(data, tmp_path):
     expected = [i for i in np.argsort(-s, kind="stable") if i not in seen][:5]
     assert out["item_id"].tolist() == train.items.decode(expected)
     np.testing.assert_allclose(out["score"].to_numpy(), s[expected], rtol=1e-4)
+    # the serving user tower (direct bag pooling + fused MLP) == the module's KJT forward, for known,
+    # unknown (-1) and history-overridden users, including an empty history
+    idx = np.array([0, 1, -1, 2, -1])
+    for hist in (None, (np.array([2, 0, 1, 3, 0]), np.array([1, 2, 5, 0, 1, 2]))):
+        np.testing.assert_allclose(T.UserTower(serving.model, serving.builder)(idx, hist),
+                                   T.user_vectors(serving.model, serving.builder, idx, hist=hist), rtol=1e-5, atol=1e-6)
     # a cold user with a real-time history gets recommendations; an unknown one without fails
     cold = serving.recommend(["new-user"], k=3, histories=[list(train.items.ids[:3])])
     assert len(cold[0][0]) == 3 and not set(cold[0][0]) & set(train.items.ids[:3])
