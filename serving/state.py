@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: How long served impressions wait in memory to be handed to the event log together.
+IMPRESSION_FLUSH_S = 0.005
+
 
 @dataclass
 class ServingState:
@@ -34,6 +37,7 @@ class ServingState:
     started_at: float = field(default_factory=time.time)
     log_ok: bool = True
     _last_warn: dict[str, float] = field(default_factory=dict)
+    _impressions: list[dict[str, Any]] = field(default_factory=list)
 
     # ---- helpers used by the routes ---------------------------------------------------------
     def known_item(self, item_id: str) -> bool:
@@ -62,11 +66,25 @@ class ServingState:
                   "positions": list(range(len(items))), "propensities": [1.0] * len(items),
                   "model_versions": versions, "variant": None, "fallback_reason": reason, "context": context,
                   "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}+00:00"}
+        self._impressions.append(record)
+        if len(self._impressions) == 1:  # first of a burst: hand the burst to the log shortly
+            try:
+                asyncio.get_running_loop().call_later(IMPRESSION_FLUSH_S, self.flush_impressions)
+            except RuntimeError:  # no running loop (called from a script): hand it over now
+                self.flush_impressions()
+
+    def flush_impressions(self) -> None:
+        """One hand-over to the event log per burst of impressions instead of one per request
+        (each hand-over wakes the log's writer thread); unacknowledged by design, so at most
+        ``IMPRESSION_FLUSH_S`` of them are in memory only."""
+        batch, self._impressions = self._impressions, []
+        if not batch:
+            return
         try:
-            self.log.append_nowait("impressions", [record])
-            self.metrics.impressions.labels(outcome="queued").inc()
-        except Exception as exc:  # noqa: BLE001 - losing an impression must not fail the request
-            self.metrics.impressions.labels(outcome="failed").inc()
+            self.log.append_nowait("impressions", batch)
+            self.metrics.impressions.labels(outcome="queued").inc(len(batch))
+        except Exception as exc:  # noqa: BLE001 - losing impressions must not fail requests
+            self.metrics.impressions.labels(outcome="failed").inc(len(batch))
             self.note_failure("impressions", exc)
 
     def readiness(self) -> dict[str, Any]:
@@ -134,5 +152,6 @@ async def build_state(settings: "Settings") -> ServingState:
 async def close_state(state: ServingState) -> None:
     state.models.stop()
     state.batcher.close()
+    state.flush_impressions()  # the last burst goes to the log before it closes
     await state.log.close()
     state.features.close()
