@@ -50,6 +50,12 @@ class TwoStageError(DataError):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def _as_csr(m: Any) -> sp.csr_matrix:
+    """``m`` as CSR without a copy when it already is one (building a scipy matrix validates its
+    arrays: ~10-20 us a call, several calls per source per request batch)."""
+    return m if sp.isspmatrix_csr(m) else sp.csr_matrix(m)
+
+
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
 
@@ -58,7 +64,7 @@ def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None) -> t
     """Top ``n`` columns per row of a dense score block, best first; excluded / ``-inf`` -> item -1."""
     s = np.array(scores, dtype=np.float32, copy=True)
     if exclude is not None and exclude.nnz:
-        exclude = sp.csr_matrix(exclude)
+        exclude = _as_csr(exclude)
         hit = exclude.data > 0  # stored zeros exclude nothing
         s[np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))[hit], exclude.indices[hit]] = -np.inf
     n = min(n, s.shape[1])
@@ -80,7 +86,7 @@ def _excluded(items: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:
     whose per-call validation costs more than the lookup at a request's sizes."""
     if exclude is None or not exclude.nnz or items.size == 0:
         return np.zeros(items.shape, bool)
-    exclude = sp.csr_matrix(exclude)
+    exclude = _as_csr(exclude)
     n = exclude.shape[1]
     ex_rows = np.repeat(np.arange(exclude.shape[0], dtype=np.int64), np.diff(exclude.indptr))
     ex_keys = (ex_rows * n + exclude.indices.astype(np.int64))[exclude.data > 0]  # stored zeros exclude nothing
@@ -106,7 +112,7 @@ def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarra
     """Dense ``history @ weights`` (B x n_items, float32) for a batch of history rows, as one
     ``bincount`` over the gathered weight rows: the same sums as scipy's sparse product without
     its per-call overhead (which dominates at a request's batch sizes)."""
-    h = sp.csr_matrix(history)
+    h = _as_csr(history)
     b, n = h.shape[0], weights.shape[1]
     req = np.repeat(np.arange(b, dtype=np.int64), np.diff(h.indptr))
     starts = weights.indptr[h.indices].astype(np.int64)
@@ -366,7 +372,7 @@ class EmbeddingSource:
         def queries(user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
             u = np.asarray(user_idx, dtype=np.int64)
             mu = np.where(u >= 0, user_to_model[np.maximum(u, 0)], -1)
-            h = sp.csr_matrix(history)
+            h = _as_csr(history)
             lists: list[list[int]] = []
             signal = np.zeros(len(u), bool)
             for r, m in enumerate(mu):
