@@ -56,6 +56,19 @@ def _as_csr(m: Any) -> sp.csr_matrix:
     return m if sp.isspmatrix_csr(m) else sp.csr_matrix(m)
 
 
+def _unique_inverse(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for non-negative keys below ``size``: by a presence
+    table (linear time) when ``size`` is small, by sorting otherwise. Same output either way."""
+    if size > 8 * len(keys) + 65_536:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(size, bool)
+    present[keys] = True
+    uniq = np.flatnonzero(present)
+    slot = np.empty(size, np.int64)
+    slot[uniq] = np.arange(len(uniq))
+    return uniq, slot[keys]
+
+
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
 
@@ -570,7 +583,7 @@ class TwoStagePipeline:
             raise TwoStageError("every candidate source has quota 0")
         keys_a = np.concatenate(keys)
         src_a = np.concatenate(src)
-        uniq, inv = np.unique(keys_a, return_inverse=True)
+        uniq, inv = _unique_inverse(keys_a, b * self.n_items)
         m = len(uniq)
         feats = np.zeros((m, 2 * n_s + 1), np.float32)
         best = np.zeros(m, np.float32)

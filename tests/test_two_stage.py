@@ -408,3 +408,17 @@ def test_numpy_kernels_match_scipy():
         assert got_i[r][: len(want)].tolist() == [i for i, _ in want]
         assert (got_i[r][len(want):] == -1).all() and (got_s[r][len(want):] == 0).all()
         np.testing.assert_array_equal(got_s[r][: len(want)], [s_ for _, s_ in want])
+
+
+def test_unique_inverse_by_table_equals_numpy():
+    from models.two_stage import _unique_inverse
+
+    rng = np.random.default_rng(0)
+    for size, n in ((50, 200), (100_000, 3_000), (10**9, 500)):  # table, table, sort
+        keys = rng.integers(0, size, n)
+        u, inv = _unique_inverse(keys, size)
+        want_u, want_inv = np.unique(keys, return_inverse=True)
+        np.testing.assert_array_equal(u, want_u)
+        np.testing.assert_array_equal(inv, want_inv)
+    u, inv = _unique_inverse(np.empty(0, np.int64), 10)
+    assert len(u) == 0 and len(inv) == 0
