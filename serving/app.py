@@ -137,20 +137,19 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import gc
         import sys
 
+        from core.threads import name_os_thread
         from serving.metrics import mark_process_dead
         from serving.state import build_state, close_state
 
-        from core.threads import name_os_thread
-
+        switch = sys.getswitchinterval()
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)  # see ServingSettings.gil_switch_interval_ms
         name_os_thread("event-loop")
         state = await build_state(settings)
         app.state.serving = state
         if cfg.gc_freeze:
-            import gc
-
             gc.collect()  # before traffic: whatever start-up left as garbage goes now
             gc.freeze()
         try:
@@ -158,6 +157,9 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         finally:
             await close_state(state)
             mark_process_dead()
+            sys.setswitchinterval(switch)  # an app run inside another process (tests) leaves it as it was
+            if cfg.gc_freeze:
+                gc.unfreeze()
 
     app = FastAPI(title="recsys serving", version="1", lifespan=lifespan,
                   description="Two-stage recommendations with online features, fallbacks, a durable feedback log, "

@@ -338,12 +338,12 @@ def test_reads_can_require_the_key_and_k_is_checked_in_process(tmp_path) -> None
     s = load_settings(root=tmp_path, environ={}, overrides={"environment": "test", "serving": {
         "api_key": "secret", "require_key_for_reads": True, "registry_poll_s": 0, "max_k": 50}})
     import gc
+    import sys
 
+    switch = sys.getswitchinterval()
     with TestClient(create_app(s)) as c:
-        try:  # serving.gc_freeze: the start-up heap is out of the cyclic collector's reach
-            assert gc.get_freeze_count() > 0
-        finally:
-            gc.unfreeze()  # this is the test process: give the heap back
+        # serving.gc_freeze: the start-up heap is out of the cyclic collector's reach
+        assert gc.get_freeze_count() > 0 and sys.getswitchinterval() == pytest.approx(s.serving.gil_switch_interval_ms / 1000)
         assert c.get("/v1/recommendations/u1").status_code == 401
         assert c.get("/v1/recommendations/u1", headers={"X-API-Key": "nope"}).status_code == 403
         ok = c.get("/v1/recommendations/u1", params={"k": 3}, headers={"X-API-Key": "secret"})
@@ -353,20 +353,18 @@ def test_reads_can_require_the_key_and_k_is_checked_in_process(tmp_path) -> None
             assert r.status_code == 422 and msg in r.json()["error"], r.json()
         r = c.get("/v1/recommendations/u1", params={"context": "x" * 600}, headers={"X-API-Key": "secret"})
         assert r.status_code == 422 and "context" in r.json()["error"]
+    assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == switch  # shutdown gives the process back
 
 
 def test_model_stage_over_budget_falls_back_to_popular(world) -> None:
     """A model stage that overruns its deadline hands the request to the popularity fallback:
     a 200 marked ``timeout`` with k items, never a 5xx (in-process app on the same registry)."""
-    import gc
-
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
 
     s = _settings(world["root"], model_budget_ms=0.001, registry_poll_s=0)
     with TestClient(create_app(s)) as c:
-        gc.unfreeze()  # this is the test process (serving.gc_freeze froze its heap at start-up)
         assert c.get("/readyz").json()["detail"]["models_loaded"] is True
         r = c.get(f"/v1/recommendations/{_known_user(world)}", params={"k": 6})
         assert r.status_code == 200
