@@ -281,7 +281,8 @@ def worker_pids(root_pid: int) -> list[int]:
 
 
 def thread_cpu(pids: list[int]) -> dict[str, float]:
-    """CPU seconds so far of the workers' threads, summed by OS thread name (``core.threads``)."""
+    """CPU seconds so far of the workers' threads, summed by OS thread name (``core.threads``); a
+    worker's main thread runs the event loop (it keeps the process's name, so ``ps`` still shows python)."""
     from core.threads import os_thread_names
 
     tick = os.sysconf("SC_CLK_TCK")
@@ -293,7 +294,8 @@ def thread_cpu(pids: list[int]) -> dict[str, float]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            label = "event-loop" if tid == pid else name
+            out[label] = out.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

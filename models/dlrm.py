@@ -554,7 +554,7 @@ class DLRMScorer:
             import torch
 
             n = self.features.n_items
-            values, lengths = self.features.sparse_parts(np.zeros(n, dtype=np.int64), np.arange(n))["item_cats"]
+            values, lengths = _csr_gather(self.features.cat_indptr, self.features.cat_indices, np.arange(n))
             with torch.inference_mode():
                 pooled = self._bag_mean("t_cat", values, lengths)
                 self._item_cats_table = torch.cat([pooled, torch.zeros(1, pooled.shape[1])])

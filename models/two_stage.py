@@ -104,7 +104,9 @@ def _excluded(items: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:
     ex_rows = np.repeat(np.arange(exclude.shape[0], dtype=np.int64), np.diff(exclude.indptr))
     ex_keys = (ex_rows * n + exclude.indices.astype(np.int64))[exclude.data > 0]  # stored zeros exclude nothing
     keys = np.arange(items.shape[0], dtype=np.int64)[:, None] * n + items
-    return (items >= 0) & np.isin(keys, ex_keys, kind="table")
+    # a lookup table over the key range is fastest while that range is small; past it, let numpy sort
+    kind = "table" if exclude.shape[0] * n <= 8 * (keys.size + len(ex_keys)) + 1_048_576 else None
+    return (items >= 0) & np.isin(keys, ex_keys, kind=kind)
 
 
 def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +125,9 @@ def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix
 
 def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarray:
     """Dense ``history @ weights`` (B x n_items, float32) for a batch of history rows, as one
-    ``bincount`` over the gathered weight rows: the same sums as scipy's sparse product without
-    its per-call overhead (which dominates at a request's batch sizes)."""
+    ``bincount`` over the gathered weight rows: scipy's sparse product (summed in float64 here, so
+    equal up to float32 rounding) without its per-call overhead, which dominates at a request's
+    batch sizes."""
     h = _as_csr(history)
     b, n = h.shape[0], weights.shape[1]
     req = np.repeat(np.arange(b, dtype=np.int64), np.diff(h.indptr))

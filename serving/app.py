@@ -140,22 +140,22 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         import gc
         import sys
 
-        from core.threads import name_os_thread
         from serving.metrics import mark_process_dead
         from serving.state import build_state, close_state
 
         switch = sys.getswitchinterval()
         sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)  # see ServingSettings.gil_switch_interval_ms
-        name_os_thread("event-loop")
-        state = await build_state(settings)
-        app.state.serving = state
-        if cfg.gc_freeze:
-            gc.collect()  # before traffic: whatever start-up left as garbage goes now
-            gc.freeze()
+        state = None
         try:
+            state = await build_state(settings)
+            app.state.serving = state
+            if cfg.gc_freeze:
+                gc.collect()  # before traffic: whatever start-up left as garbage goes now
+                gc.freeze()
             yield
         finally:
-            await close_state(state)
+            if state is not None:
+                await close_state(state)
             mark_process_dead()
             sys.setswitchinterval(switch)  # an app run inside another process (tests) leaves it as it was
             if cfg.gc_freeze:

@@ -92,6 +92,9 @@ class ModelManager:
             if self.settings.serving.gc_freeze:
                 import gc
 
+                # the loading's cyclic garbage goes first (frozen objects are never collected); the
+                # collection scans only what is not frozen yet: the new engine, not the start-up heap
+                gc.collect()
                 gc.freeze()  # the new engine's objects join the frozen heap (see ServingSettings.gc_freeze)
             log.info("serving models %s (from %s)", engine.versions, source)
             return engine

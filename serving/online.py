@@ -111,8 +111,8 @@ class OnlineFeatures:
         fut = self._batcher.enqueue(user_id, 0, None)
         async with asyncio.timeout(timeout_s):  # on expiry the awaited job future is cancelled: its batch skips it
             res = await fut
-        if isinstance(res, Exception):
-            raise res
+        if isinstance(res, Exception):  # the batch's read failed: a fresh error per request (one shared
+            raise FeaturesUnavailable(f"{type(res).__name__}: {res}") from res  # object's traceback would grow)
         return res
 
     # ---- event updates ------------------------------------------------------------------------

@@ -152,6 +152,13 @@ async def build_state(settings: "Settings") -> ServingState:
 async def close_state(state: ServingState) -> None:
     state.models.stop()
     state.batcher.close()
-    state.flush_impressions()  # the last burst goes to the log before it closes
+    last, state._impressions = state._impressions, []
+    if last:  # the last burst is written (awaited: a broker backend's background append would race the close)
+        try:
+            await state.log.append("impressions", last)
+            state.metrics.impressions.labels(outcome="queued").inc(len(last))
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, do not block the exit
+            state.metrics.impressions.labels(outcome="failed").inc(len(last))
+            log.warning("could not write the last %d impressions at shutdown: %s", len(last), exc)
     await state.log.close()
     state.features.close()

@@ -258,3 +258,39 @@ def test_unreachable_broker_fails_clearly(settings) -> None:
             await log.start()
 
     asyncio.run(go())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend,port", [("local", None), ("nats", 4222), ("redis", 6379)])
+def test_impressions_served_just_before_shutdown_are_written(settings, backend: str, port: int | None,
+                                                            monkeypatch) -> None:
+    """Impressions are handed to the log in 5 ms bursts; the burst still in memory when the server
+    stops is written (awaited) before the log closes, on every backend. (The burst timer is made
+    longer than the test, so only the shutdown path can write them.)"""
+    from fastapi.testclient import TestClient
+
+    import serving.state
+    from serving.app import create_app
+
+    monkeypatch.setattr(serving.state, "IMPRESSION_FLUSH_S", 600.0)
+
+    if port is not None and not _reachable(port):
+        pytest.skip(f"{backend} not reachable on 127.0.0.1:{port}")
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    s = settings.model_copy(update={
+        "eventlog": settings.eventlog.model_copy(update={"backend": backend, "stream_prefix": prefix}),
+        "serving": settings.serving.model_copy(update={"registry_poll_s": 0})})
+    with TestClient(create_app(s)) as c:
+        ids = [c.get(f"/v1/recommendations/u{i}", params={"k": 3}).json()["request_id"] for i in range(3)]
+
+    async def read_back() -> list[str]:
+        log = open_log(s)
+        await log.start()
+        try:
+            return [r["request_id"] for r in (await log.read("impressions")).records]
+        finally:
+            if backend != "local":
+                await log.delete_streams()
+            await log.close()
+
+    assert sorted(asyncio.run(read_back())) == sorted(ids)
