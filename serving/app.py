@@ -274,12 +274,16 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         k = parse_k(query.get("k"))
         context = query.get("context")
         if context is not None and len(context) > 512:
-            raise ApiError(422, "invalid context: longer than 512 characters")
+            raise query_error("context", "invalid context: longer than 512 characters")
         try:
             ctx = canonical_context(context)
         except ValueError as exc:
-            raise ApiError(422, f"invalid context: {exc}") from None
+            raise query_error("context", f"invalid context: {exc}") from None
         return _json(await recommend(st(request), user_id, k=k, context=ctx))
+
+    def query_error(name: str, message: str) -> ApiError:
+        """A 422 shaped like FastAPI's validation errors (``detail`` lists the offending parameter)."""
+        return ApiError(422, message, [{"loc": ["query", name], "msg": message, "type": "value_error"}])
 
     def parse_k(raw: str | None) -> int:
         if raw is None:
@@ -287,9 +291,9 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
         try:
             k = int(raw)
         except ValueError:
-            raise ApiError(422, f"invalid request: k must be an integer in 1..{cfg.max_k}, got {raw[:32]!r}") from None
+            raise query_error("k", f"invalid request: k must be an integer in 1..{cfg.max_k}, got {raw[:32]!r}") from None
         if not 1 <= k <= cfg.max_k:
-            raise ApiError(422, f"invalid request: k must be in 1..{cfg.max_k}, got {k}")
+            raise query_error("k", f"invalid request: k must be in 1..{cfg.max_k}, got {k}")
         return k
 
     @app.get("/v1/items/{item_id}/similar", response_model=SimilarItems, responses=ERRORS,

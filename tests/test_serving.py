@@ -351,6 +351,7 @@ def test_reads_can_require_the_key_and_k_is_checked_in_process(tmp_path) -> None
         for k, msg in (("0", "k must be in 1..50"), ("51", "k must be in 1..50"), ("x", "k must be an integer")):
             r = c.get("/v1/recommendations/u1", params={"k": k}, headers={"X-API-Key": "secret"})
             assert r.status_code == 422 and msg in r.json()["error"], r.json()
+            assert r.json()["detail"][0]["loc"] == ["query", "k"]
         r = c.get("/v1/recommendations/u1", params={"context": "x" * 600}, headers={"X-API-Key": "secret"})
         assert r.status_code == 422 and "context" in r.json()["error"]
     assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == switch  # shutdown gives the process back
