@@ -325,11 +325,8 @@ def http_part(args, work: Path) -> dict:
         "api_key": KEY, "registry_poll_s": 0, "workers": 2, "total_budget_ms": 5_000, "model_budget_ms": 4_000,
         "features_budget_ms": 1_000}})
     t = time.time()
-    ds = F.synthetic_lake(settings, n_users=2_000, n_items=3_700, n_events=30_000, n_days=14, seed=11)
-    model = F.train_two_tower(ds, epochs=1, dim=64)
-    version = F.register_two_tower(settings, model)
-    ranker = F.train_register_ranker(settings, ds, epochs=1, dim=16, n_candidates=settings.serving.candidates)
-    F.online_features(settings)
+    world = F.benchmark_world(settings)
+    ds, version, ranker = world["dataset"], world["two_tower"], world["ranker"]
     setup_s = time.time() - t
     # load-test users the models know (others are cold starts, served by popularity)
     from models.artifacts import load_from_registry

@@ -75,3 +75,15 @@ def train_register_ranker(settings: "Settings", dataset: "Dataset", *, epochs: i
     if result.registered_version is None:
         raise RuntimeError("the ranker was trained but not registered")
     return str(result.registered_version)
+
+
+def benchmark_world(settings: "Settings") -> dict[str, Any]:
+    """The serving benchmarks' setup (``benchmarks/serving.py``, ``benchmarks/serving_breakdown.py``):
+    2,000 users x 3,700 items (ML-1M's catalog size), 30K synthetic events over 14 days, a 64-d
+    two-tower and a DLRM ranker (16-d embeddings, 500 candidates) registered @champion, online
+    features materialised. Returns the dataset and both versions."""
+    ds = synthetic_lake(settings, n_users=2_000, n_items=3_700, n_events=30_000, n_days=14, seed=11)
+    version = register_two_tower(settings, train_two_tower(ds, epochs=1, dim=64))
+    ranker = train_register_ranker(settings, ds, epochs=1, dim=16, n_candidates=settings.serving.candidates)
+    online_features(settings)
+    return {"dataset": ds, "two_tower": version, "ranker": ranker}

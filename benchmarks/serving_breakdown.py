@@ -1,0 +1,143 @@
+"""Where a micro-batch's model time goes: the serving engine in-process, stage by stage, per batch size.
+
+The HTTP benchmark (``benchmarks/serving.py``) says how much CPU a recommendation costs and on
+which thread; this one says what the model thread spends it on. Same setup (``serving.fixtures.
+benchmark_world``: 3,700 items, two-tower + DLRM ranker @champion, online features), the engine
+built as the server builds it (``serving.ranker_precision`` from the settings), one thread, and
+the real online histories of the requested users. For each batch size: wall time of each
+candidate source, the merge, filter, ranking (DLRM), diversity, and the whole
+``Engine.recommend`` call; the per-batch fixed cost and the per-request cost come from a
+least-squares line through the totals.
+
+    python benchmarks/serving_breakdown.py [--batches 1,2,4,8,16,32,64] [--rounds 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _time(fn, rounds: int) -> float:
+    """Median of ``rounds`` timings in ms (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: int = 0) -> dict:
+    """Median stage times (ms) for one fixed batch of ``batch`` random known users."""
+    rng = random.Random(seed + batch)
+    ids = [rng.choice(users) for _ in range(batch)]
+    hist = [[str(i) for i in (f.get("recent_items") or [])] for f in client.users_features(ids, derived=False)]
+    p = engine.pipeline
+    uidx = engine.users.encode(ids, unknown="minus_one")
+    h = engine._history_matrix(hist)  # noqa: SLF001 - the engine's own history rows
+    row: dict = {"batch": batch}
+    src_total = 0.0
+    for source in p.sources:
+        q = int(p.quotas[source.name])
+        ms = _time(lambda: source.retrieve(uidx, h, q, exclude=h), rounds)
+        row[f"source_{source.name}_ms"] = round(ms, 3)
+        src_total += ms
+    cands = p.retrieve(uidx, h, exclude=h)
+    row["retrieve_ms"] = round(_time(lambda: p.retrieve(uidx, h, exclude=h), rounds), 3)
+    row["merge_ms"] = round(max(row["retrieve_ms"] - src_total, 0.0), 3)
+    row["filter_ms"] = round(_time(lambda: p.filter(cands), rounds), 3)
+    scores = p.rank(uidx, cands)
+    row["candidates"] = len(cands)
+    row["ranking_ms"] = round(_time(lambda: p.rank(uidx, cands), rounds), 3)
+    row["diversity_ms"] = round(_time(lambda: p.post_process(len(uidx), cands, scores, 20, p.max_category_share), rounds), 3)
+    row["total_ms"] = round(_time(lambda: engine.recommend(ids, k=20, histories=hist), rounds), 3)
+    row["per_request_ms"] = round(row["total_ms"] / batch, 3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--rounds", type=int, default=200)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+
+    import numpy as np
+
+    from core.config import load_settings
+    from models.artifacts import load_from_registry
+    from pipelines.features import OnlineFeatureClient
+    from serving import fixtures as F
+    from serving.engine import build_engine
+
+    work = Path(tempfile.mkdtemp(prefix="bench-breakdown-"))
+    try:
+        settings = load_settings(root=work, environ={}, overrides={"environment": "test"})
+        t = time.time()
+        world = F.benchmark_world(settings)
+        setup_s = time.time() - t
+        srv = settings.serving
+        engine = build_engine(load_from_registry("models:/two_tower@champion", settings),
+                              load_from_registry("models:/ranker@champion", settings), n_candidates=srv.candidates,
+                              model_threads=srv.model_threads, precision=srv.ranker_precision)
+        client = OnlineFeatureClient(settings, load_items=False)
+        users = sorted(str(u) for u in engine.users.ids)
+        rows = []
+        for b in batches:
+            rows.append(breakdown(engine, client, users, b, args.rounds))
+            print(rows[-1], flush=True)
+        client.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    x = np.array([r["batch"] for r in rows], float)
+    y = np.array([r["total_ms"] for r in rows], float)
+    slope, intercept = np.polyfit(x, y, 1) if len(rows) > 1 else (float("nan"), float("nan"))
+    res = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "measured": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": [round(v, 2) for v in os.getloadavg()]},
+        "setup": {"items": len(world["dataset"].items), "users": len(users), "candidates": srv.candidates,
+                  "sources": {s.name: int(engine.pipeline.quotas[s.name]) for s in engine.pipeline.sources},
+                  "ranker_precision": engine.pipeline.ranker.precision, "model_threads": srv.model_threads,
+                  "rounds": args.rounds, "setup_s": round(setup_s, 1)},
+        "rows": rows,
+        "fixed_ms_per_batch": round(float(intercept), 3),
+        "ms_per_request": round(float(slope), 3),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving_breakdown.json").write_text(json.dumps(res, indent=2))
+    (RESULTS / "serving_breakdown.md").write_text(render_md(res))
+    print(json.dumps({k: res[k] for k in ("fixed_ms_per_batch", "ms_per_request")}))
+
+
+def render_md(r: dict) -> str:
+    cols = ["batch", "candidates"] + [k for k in r["rows"][0] if k.startswith("source_")] + \
+        ["merge_ms", "filter_ms", "ranking_ms", "diversity_ms", "total_ms", "per_request_ms"]
+    lines = ["# Serving engine breakdown (in-process, one thread, median ms per micro-batch)", "",
+             f"Measured {r['measured']['at']} (load average {r['measured']['load_avg']}); setup {r['setup']}.", "",
+             "| " + " | ".join(c.replace("_ms", "").replace("source_", "src ") for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for row in r["rows"]:
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    lines += ["", f"Least-squares fit of the totals: **{r['fixed_ms_per_batch']} ms per batch + "
+              f"{r['ms_per_request']} ms per request**. Sources and merge make up retrieval; "
+              "`Engine.recommend` adds id mapping and history rows."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
