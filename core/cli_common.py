@@ -38,5 +38,17 @@ def clean_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_protocol(protocol: str) -> None:
+    """The evaluation protocols every training/evaluation command accepts (``core.splits``)."""
+    if protocol not in ("recbole", "temporal"):
+        raise ValueError(f"--protocol must be recbole or temporal, not {protocol!r}")
+
+
+def print_run(result: Any) -> None:
+    """The closing line of a training command: its MLflow run, registration and model URI."""
+    reg = f"registered {result.registered_name} v{result.registered_version}" if result.registered_version else "not registered"
+    console.print(f"MLflow run {result.run_id}; {reg}; model {result.model_uri}", highlight=False)
+
+
 def print_json(obj: Any) -> None:
     console.print_json(json.dumps(obj, default=str))

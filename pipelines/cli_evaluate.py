@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from core.cli_common import clean_errors, console, settings
+from core.cli_common import check_protocol, clean_errors, console, settings
 
 app = typer.Typer(help="Offline evaluation: baselines, two-tower, two-stage or registered models, full ranking.",
                   invoke_without_command=True, no_args_is_help=False)
@@ -48,8 +48,7 @@ def evaluate_command(
         return
     from pipelines.evaluate import evaluate, write_json
 
-    if protocol not in ("recbole", "temporal"):
-        raise ValueError(f"--protocol must be recbole or temporal, not {protocol!r}")
+    check_protocol(protocol)
     try:
         cutoffs = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:

@@ -36,7 +36,7 @@ def two_tower_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train the two-tower retrieval model, evaluate it (full ranking) and log everything to MLflow."""
-    from core.cli_common import clean_errors, console, settings
+    from core.cli_common import check_protocol, clean_errors, console, print_run, settings
 
     @clean_errors
     def _run() -> None:
@@ -47,8 +47,7 @@ def two_tower_command(
             if preset not in ("laptop", "full"):
                 raise ValueError(f"--preset must be laptop or full, not {preset!r}")
             s = s.model_copy(update={"training": s.training.model_copy(update={"preset": preset})})
-        if protocol not in ("recbole", "temporal"):
-            raise ValueError(f"--protocol must be recbole or temporal, not {protocol!r}")
+        check_protocol(protocol)
         result = train_two_tower(settings=s, source=source, protocol=protocol, path=path, split_seed=split_seed,  # type: ignore[arg-type]
                                  seed=seed, epochs=epochs, dim=dim, batch_size=batch_size, learning_rate=lr,
                                  params=_parse_params(param), register=register, aliases=alias)
@@ -60,8 +59,7 @@ def two_tower_command(
                       f"ndcg@10 {m['ndcg@10']:.4f}  recall@20 {m.get('recall@20', float('nan')):.4f}  "
                       f"best epoch {result.best_epoch}/{result.epochs_run}  train {result.train_s:.1f}s "
                       f"({result.samples_per_s:,.0f} samples/s)", highlight=False)
-        reg = f"registered {result.registered_name} v{result.registered_version}" if result.registered_version else "not registered"
-        console.print(f"MLflow run {result.run_id}; {reg}; model {result.model_uri}", highlight=False)
+        print_run(result)
 
     _run()
 

@@ -33,14 +33,13 @@ def dlrm_command(
 ) -> None:
     """Train the DLRM ranker (labels from the validation split), evaluate the whole two-stage
     pipeline on test, and log everything to MLflow."""
-    from core.cli_common import clean_errors, console, print_json, settings
+    from core.cli_common import check_protocol, clean_errors, console, print_json, print_run, settings
 
     @clean_errors
     def _run() -> None:
         from pipelines.train_ranker import train_ranker
 
-        if protocol not in ("recbole", "temporal"):
-            raise ValueError(f"--protocol must be recbole or temporal, not {protocol!r}")
+        check_protocol(protocol)
         result = train_ranker(settings=settings(), source=source, protocol=protocol, path=path, split_seed=split_seed,
                               seed=seed, epochs=epochs, dim=dim, batch_size=batch_size, learning_rate=lr,
                               n_candidates=candidates, negatives_per_user=negatives, positive_min_rating=positive_min_rating, two_tower=two_tower,
@@ -53,7 +52,6 @@ def dlrm_command(
                       f"log-loss {m['test_log_loss']:.4f}  ECE {m['test_ece']:.4f}  two-stage recall@10 "
                       f"{m['two_stage_recall@10']:.4f}  ndcg@10 {m['two_stage_ndcg@10']:.4f}  best epoch "
                       f"{result.best_epoch}/{result.epochs_run}  train {result.train_s:.1f}s", highlight=False)
-        reg = f"registered {result.registered_name} v{result.registered_version}" if result.registered_version else "not registered"
-        console.print(f"MLflow run {result.run_id}; {reg}; model {result.model_uri}", highlight=False)
+        print_run(result)
 
     _run()
