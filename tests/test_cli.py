@@ -77,3 +77,14 @@ def test_extract_ml100k_from_a_wheel(tmp_path: Path) -> None:
         z.writestr("recbole/__init__.py", "")
     with pytest.raises(FetchError, match="has no recbole/dataset_example/ml-100k/ml-100k.inter"):
         extract_ml100k_from_wheel(broken, tmp_path / "d2")
+
+
+def test_protocol_check_names_the_choices():
+    import pytest
+
+    from core.cli_common import check_protocol
+
+    check_protocol("recbole")
+    check_protocol("temporal")
+    with pytest.raises(ValueError, match="--protocol must be recbole or temporal, not 'random'"):
+        check_protocol("random")
