@@ -513,6 +513,8 @@ class DLRMScorer:
         bags = dlrm.sparse_arch.embedding_bag_collection.embedding_bags
         self._weights = {name: bags[name].weight.detach() for name in ("t_user", "t_item", "t_cat")}
         self._item_cats_table: "torch.Tensor | None" = None
+        self._item_side_table: "tuple[torch.Tensor, torch.Tensor] | None" = None
+        self._grouped_columns = self._grouped_layout()
         self.set_precision(precision)
         # normalised dense tables (the same float32 arithmetic as normalising per row, done once)
         n_u, n_i = len(USER_DENSE), len(ITEM_DENSE)
@@ -524,6 +526,7 @@ class DLRMScorer:
     def set_precision(self, precision: str) -> "DLRMScorer":
         """Compute precision of the MLPs on the request path: ``fp32`` (exact), ``bf16`` or ``auto``
         (bf16 where the CPU has native bf16 matrix units; see :mod:`models.inference`)."""
+        import torch
         from torch import nn
 
         from models.inference import LinearStack
@@ -532,8 +535,17 @@ class DLRMScorer:
         dense_lin = [m for m in dlrm.dense_arch.modules() if isinstance(m, nn.Linear)]
         over_lin = [m for m in dlrm.over_arch.modules() if isinstance(m, nn.Linear)]
         # TorchRec's DenseArch applies ReLU after every layer, OverArch after all but the last
+        over_relu = [True] * (len(over_lin) - 1) + [False]
         self._dense_mlp = LinearStack(dense_lin, [True] * len(dense_lin), precision=precision)
-        self._over_mlp = LinearStack(over_lin, [True] * (len(over_lin) - 1) + [False], precision=precision)
+        self._over_mlp = LinearStack(over_lin, over_relu, precision=precision)
+        self._over_mlp_grouped = None
+        if self._grouped_columns is not None:  # the same first layer, columns in the grouped input's order
+            first = nn.Linear(over_lin[0].in_features, over_lin[0].out_features, bias=over_lin[0].bias is not None)
+            with torch.no_grad():
+                first.weight.copy_(over_lin[0].weight[:, self._grouped_columns])
+                if first.bias is not None:
+                    first.bias.copy_(over_lin[0].bias)
+            self._over_mlp_grouped = LinearStack([first, *over_lin[1:]], over_relu, precision=precision)
         self.precision = self._over_mlp.precision
         return self
 
@@ -545,6 +557,7 @@ class DLRMScorer:
         self._q = {n: torch.ops.fbgemm.FloatToFused8BitRowwiseQuantized(w.contiguous()) for n, w in self._weights.items()}
         self.quantized = True
         self._item_cats_table = None
+        self._item_side_table = None
         return self
 
     def _item_cats(self) -> "torch.Tensor":
@@ -559,6 +572,42 @@ class DLRMScorer:
                 pooled = self._bag_mean("t_cat", values, lengths)
                 self._item_cats_table = torch.cat([pooled, torch.zeros(1, pooled.shape[1])])
         return self._item_cats_table
+
+    #: the request path's user-side (once per request) and item-side (once per item) vectors
+    _USER_SIDE = ("user_id", "user_hist")
+    _ITEM_SIDE = ("item_id", "item_cats")
+    #: the (user x item) dots come from one product of the batch's user vectors with the whole
+    #: item table while the catalog has at most this many items per scored row of a request
+    TABLE_PRODUCT_MAX_RATIO = 16
+
+    def _grouped_layout(self) -> "list[int] | None":
+        """Columns of the over arch's input in the request path's order: the dense output, then the
+        dots (user x item) user-major, (dense x user), (dense x item), (item_id x item_cats),
+        (user_id x user_hist). None if the model has other sparse features (then the request path
+        dots each pair per row in TorchRec's order)."""
+        dlrm = self.model.dlrm
+        names = ["dense", *dlrm.sparse_arch.sparse_feature_names]
+        if sorted(names[1:]) != sorted(self._USER_SIDE + self._ITEM_SIDE):
+            return None
+        pair = {frozenset((names[i], names[j])): p for p, (i, j) in enumerate(dlrm.inter_arch.triu_indices.t().tolist())}
+        order = [(u, i) for u in self._USER_SIDE for i in self._ITEM_SIDE]
+        order += [("dense", u) for u in self._USER_SIDE] + [("dense", i) for i in self._ITEM_SIDE]
+        order += [self._ITEM_SIDE, self._USER_SIDE]
+        d = self.config.embedding_dim
+        return list(range(d)) + [d + pair[frozenset(x)] for x in order]
+
+    def _item_side(self) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """Per item (``n_items + 1`` rows, the last for unknown items): its ``item_id`` embedding, its
+        pooled categories, and their dot product (the item_id x item_cats interaction). Nothing
+        about them depends on the request, so they are computed once per model."""
+        if self._item_side_table is None:
+            import torch
+
+            with torch.inference_mode():
+                ids = self._rows("t_item", torch.arange(self.features.n_items + 1)).contiguous()  # last row: OOV
+                cats = self._item_cats().contiguous()
+                self._item_side_table = (ids, cats, (ids * cats).sum(dim=1))
+        return self._item_side_table
 
     def _rows(self, table: str, idx: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -606,6 +655,12 @@ class DLRMScorer:
         dense = np.concatenate([self._user_dense_n[u_rows], self._item_dense_n[i_rows],
                                 (extra - self.dense_mean[n_fixed:]) / self.dense_std[n_fixed:]], axis=1)
         parts_u = feats.sparse_parts(req_u, np.zeros(len(req_u), dtype=np.int64))
+        if request_of_row is not None and self._over_mlp_grouped is not None:
+            with torch.inference_mode():
+                dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
+                x = self._interact_grouped(dense_emb, torch.from_numpy(i_rows), np.asarray(request_of_row, dtype=np.int64),
+                                           parts_u)
+                return self._over_mlp_grouped(x).squeeze(-1).numpy()
         with torch.inference_mode():
             emb = {
                 "user_id": self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
@@ -620,6 +675,37 @@ class DLRMScorer:
             dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
             out = self._over_mlp(self._interact(dense_emb, emb)).squeeze(-1)
         return out.numpy()
+
+    def _interact_grouped(self, dense_emb: "torch.Tensor", item_rows: "torch.Tensor", row_req: np.ndarray,
+                          parts_u: dict[str, tuple[np.ndarray, np.ndarray]]) -> "torch.Tensor":
+        """The interaction arch on the request path, each dot where it is cheapest: (user x item)
+        from one product of the batch's user vectors with the item table (small catalogs; per row
+        otherwise), (item_id x item_cats) from the per-item table, (user_id x user_hist) once per
+        request, the dense output's dots per row. Gathers are ``index_select`` (torch's advanced
+        indexing costs ~5x more at these sizes). Columns in :meth:`_grouped_layout`'s order (the over
+        arch's first layer is permuted to match); every dot is TorchRec's up to float summation
+        order (checked against its forward)."""
+        import torch
+
+        ids, cats, item_dots = self._item_side()
+        req = torch.from_numpy(row_req)
+        m, b = len(row_req), len(parts_u["user_id"][0])
+        user_vecs = [self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
+                     self._bag_mean("t_item", *parts_u["user_hist"])]  # _USER_SIDE order, (B, D) each
+        user_rows = [u.index_select(0, req) for u in user_vecs]
+        item_vecs = [ids.index_select(0, item_rows), cats.index_select(0, item_rows)]
+        n_rows = ids.shape[0]
+        if n_rows <= self.TABLE_PRODUCT_MAX_RATIO * max(m // max(b, 1), 1):
+            table = torch.cat([ids, cats])  # (2 * rows, D), _ITEM_SIDE order
+            prod = torch.cat(user_vecs) @ table.T  # (2B, 2 * rows): every user vector x every item vector
+            at = [((k * b + req) * (2 * n_rows) + j * n_rows + item_rows) for k in range(2) for j in range(2)]
+            user_item = prod.view(-1).index_select(0, torch.stack(at, dim=1).view(-1)).view(m, 4)
+        else:
+            user_item = torch.stack([(u * i).sum(dim=1) for u in user_rows for i in item_vecs], dim=1)
+        dense_dots = [(dense_emb * v).sum(dim=1, keepdim=True) for v in (*user_rows, *item_vecs)]
+        user_dots = (user_vecs[0] * user_vecs[1]).sum(dim=1)
+        return torch.cat([dense_emb, user_item, *dense_dots, item_dots.index_select(0, item_rows).unsqueeze(1),
+                          user_dots.index_select(0, req).unsqueeze(1)], dim=1)
 
     def _interact(self, dense_emb: "torch.Tensor", emb: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """TorchRec's ``InteractionArch`` output, ``[dense, dot(v_i, v_j) for i < j]`` over (dense,

@@ -69,13 +69,44 @@ def _unique_inverse(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return uniq, slot[keys]
 
 
+def _desc_key(values: np.ndarray) -> np.ndarray:
+    """Non-negative int64 (below 2**32) per float32 value whose ascending order is the values'
+    descending order (the float's bits made order-preserving, then flipped; NaN is not ordered)."""
+    bits = (np.asarray(values, dtype=np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> 0.0
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # ascending with the value
+    return 0xFFFFFFFF - ordered
+
+
+def _lex_order(*columns: tuple[np.ndarray, int]) -> np.ndarray:
+    """Row permutation sorting by ``columns`` (most significant first; each non-negative ints
+    below ``2**bits``), ties by row index: ``np.lexsort`` (stable) as one ``np.sort`` of int64 keys
+    packing the columns and the row index (numpy's vectorised sort of unique keys is ~10x a
+    stable multi-key sort). Falls back to ``np.lexsort`` when the keys do not fit in 63 bits."""
+    n = len(columns[0][0])
+    idx_bits = max(int(n - 1).bit_length(), 1)
+    if sum(b for _, b in columns) + idx_bits > 63:
+        return np.lexsort(tuple(np.asarray(c) for c, _ in reversed(columns)))
+    key = np.zeros(n, np.int64)
+    for col, bits in columns:
+        key = (key << bits) | np.asarray(col, dtype=np.int64)
+    key = (key << idx_bits) | np.arange(n, dtype=np.int64)
+    return np.sort(key) & ((1 << idx_bits) - 1)
+
+
+def _bits(n: int) -> int:
+    """Bits needed for the integers ``0 .. n - 1``."""
+    return max(int(n - 1).bit_length(), 1)
+
+
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
 
 
-def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``n`` columns per row of a dense score block, best first; excluded / ``-inf`` -> item -1."""
-    s = np.array(scores, dtype=np.float32, copy=True)
+def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None, *,
+                 copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``n`` columns per row of a dense score block, best first; excluded / ``-inf`` -> item -1.
+    ``copy=False``: the caller's float32 block is overwritten (excluded entries set to ``-inf``)."""
+    s = np.array(scores, dtype=np.float32, copy=True) if copy or scores.dtype != np.float32 else scores
     if exclude is not None and exclude.nnz:
         exclude = _as_csr(exclude)
         hit = exclude.data > 0  # stored zeros exclude nothing
@@ -347,7 +378,7 @@ class EmbeddingSource:
 
     def __init__(self, item_vectors: np.ndarray, user_vectors: np.ndarray | Callable[[np.ndarray, sp.csr_matrix], Any],
                  *, name: str = "two_tower", index: Any = None, item_ids: np.ndarray | None = None,
-                 hnsw_above: int = 200_000, ef_search: int = 256) -> None:
+                 n_items: int | None = None, hnsw_above: int = 200_000, ef_search: int = 256) -> None:
         self.name = name
         self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
         self._user = user_vectors
@@ -355,6 +386,14 @@ class EmbeddingSource:
         if self.item_ids is not None and len(self.item_ids) != len(self.item_vectors):
             raise TwoStageError(f"{name}: item_ids has {len(self.item_ids)} rows for {len(self.item_vectors)} item vectors")
         self._unmapped = 0 if self.item_ids is None else int((self.item_ids < 0).sum())
+        # the pipeline's catalog size (columns of the history rows) and, when the index's rows are
+        # not already the pipeline's items in order, where each mapped row's score goes
+        mapped = None if self.item_ids is None else np.flatnonzero(self.item_ids >= 0)
+        self.n_items = int(n_items) if n_items is not None else (
+            len(self.item_vectors) if mapped is None else int(self.item_ids.max(initial=-1)) + 1)
+        identity = mapped is None or (len(mapped) == len(self.item_vectors) == self.n_items
+                                      and np.array_equal(self.item_ids, np.arange(self.n_items)))
+        self._scatter = None if identity else (mapped, self.item_ids[mapped])
         if index is None:
             import faiss
 
@@ -399,7 +438,7 @@ class EmbeddingSource:
                 signal[r] = bool(lists[-1]) or m >= 0
             return retrieval.user_vectors(mu, lists), signal
 
-        return cls(retrieval.item_vectors, queries, name=name, index=retrieval.index, item_ids=item_ids)
+        return cls(retrieval.item_vectors, queries, name=name, index=retrieval.index, item_ids=item_ids, n_items=len(items))
 
     def query_vectors(self, user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
         if callable(self._user):
@@ -410,18 +449,28 @@ class EmbeddingSource:
             vecs, signal = self._user[np.where(known, user_idx, 0)], known
         return np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(signal, bool)
 
+    @property
+    def exact(self) -> bool:
+        """Is the index an exact (flat) inner-product one? Then search is a matrix product."""
+        import faiss
+
+        return isinstance(self.index, faiss.IndexFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+    def _all_scores(self, queries: np.ndarray) -> np.ndarray:
+        """``(B, index rows)`` inner products: torch's GEMM honours the worker's thread count
+        (numpy's BLAS may spin extra threads)."""
+        import torch
+
+        return (torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+                @ torch.from_numpy(self.item_vectors).T).numpy()
+
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``depth`` index rows per query, best first. An exact (flat) inner-product index is
         searched as one matrix product + ``argpartition`` (the same answer ~5x faster than FAISS's
         heap-based flat search at the hundreds of results a request asks for); ANN indexes go
         through FAISS."""
-        import faiss
-
-        if isinstance(self.index, faiss.IndexFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT:
-            import torch  # its GEMM honours the worker's thread count; numpy's BLAS may spin extra threads
-
-            scores = (torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-                      @ torch.from_numpy(self.item_vectors).T).numpy()
+        if self.exact:
+            scores = self._all_scores(queries)
             rows = np.argpartition(-scores, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1] else \
                 np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
             top = np.take_along_axis(scores, rows, axis=1)
@@ -431,6 +480,17 @@ class EmbeddingSource:
 
     def retrieve(self, user_idx, history, n, *, exclude=None):
         q, signal = self.query_vectors(np.asarray(user_idx), history)
+        if self.exact:
+            # every item is scored anyway: exclusions, unmapped rows and requests without signal
+            # become -inf before the top n (no over-fetch, no filtering pass after it)
+            scores = self._all_scores(q)
+            if self._scatter is not None:
+                rows, cols = self._scatter
+                dense = np.full((len(q), self.n_items), -np.inf, np.float32)
+                dense[:, cols] = scores[:, rows]
+                scores = dense
+            scores[~signal] = -np.inf
+            return _top_n_dense(scores, n, exclude, copy=False)
         extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
         depth = min(self.index.ntotal, n + extra + self._unmapped)
         if depth <= 0:
@@ -565,51 +625,58 @@ class TwoStagePipeline:
     _history_rows = history_rows  # the name serving used before it was public
 
     def retrieve(self, user_idx: np.ndarray, history: sp.csr_matrix, *, exclude: sp.csr_matrix | None = None) -> Candidates:
-        """Merged, de-duplicated candidates with per-source rank/score features."""
+        """Merged, de-duplicated candidates with per-source rank/score features.
+
+        Rows come out grouped by request, each request's best first (by best per-source rank
+        fraction, ties by item index), at most ``n_candidates`` per request. Every source's
+        ``(B, q)`` block is merged at once: one de-duplication of ``request * n_items + item``
+        keys, features scattered by source column, and the order from one sort of unique
+        integer keys (no stable sort, no ``ufunc.at`` on the ``bitwise_or``)."""
         b = len(user_idx)
-        names = self.source_names
-        n_s = len(names)
-        keys, src, rank_frac, score, = [], [], [], []
+        n_items = self.n_items
+        n_s = len(self.sources)
+        blocks_i, blocks_s, col_src, col_rf = [], [], [], []
         for s, source in enumerate(self.sources):
             q = int(self.quotas[source.name])
             if q <= 0:
                 continue
             items, scores = source.retrieve(user_idx, history, q, exclude=exclude)
-            ok = items >= 0
-            rows = np.repeat(np.arange(b), items.shape[1]).reshape(items.shape)
-            pos = np.tile(np.arange(items.shape[1]), (b, 1))
-            keys.append(rows[ok] * self.n_items + items[ok])
-            src.append(np.full(int(ok.sum()), s, np.int64))
-            rank_frac.append((1.0 - pos[ok] / max(q, 1)).astype(np.float32))
-            score.append(scores[ok])
-        if not keys:
+            items, scores = items[:, :q], scores[:, :q]  # rank fractions stay in (0, 1]
+            cols = items.shape[1]
+            blocks_i.append(np.asarray(items, dtype=np.int64))
+            blocks_s.append(np.asarray(scores, dtype=np.float32))
+            col_src.append(np.full(cols, s, np.int64))
+            col_rf.append((1.0 - np.arange(cols) / max(q, 1)).astype(np.float32))
+        if not blocks_i:
             raise TwoStageError("every candidate source has quota 0")
-        keys_a = np.concatenate(keys)
-        src_a = np.concatenate(src)
-        uniq, inv = _unique_inverse(keys_a, b * self.n_items)
+        items = np.concatenate(blocks_i, axis=1) if len(blocks_i) > 1 else blocks_i[0]
+        ok = items >= 0
+        keys = (items + (np.arange(b, dtype=np.int64) * n_items)[:, None])[ok]
+        width = items.shape[1]
+        src_a = np.broadcast_to(np.concatenate(col_src), (b, width))[ok]
+        rf = np.broadcast_to(np.concatenate(col_rf), (b, width))[ok]
+        sc = (np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0])[ok]
+        uniq, inv = _unique_inverse(keys, b * n_items)
         m = len(uniq)
-        feats = np.zeros((m, 2 * n_s + 1), np.float32)
+        n_f = 2 * n_s + 1
+        feats = np.zeros((m, n_f), np.float32)
+        flat = feats.reshape(-1)
+        slot = inv * n_f + 2 * src_a
+        flat[slot] = sc
+        flat[slot + 1] = rf
         best = np.zeros(m, np.float32)
-        mask = np.zeros(m, np.int64)
-        rf = np.concatenate(rank_frac)
-        sc = np.concatenate(score)
-        feats[inv, 2 * src_a] = sc
-        feats[inv, 2 * src_a + 1] = rf
         np.maximum.at(best, inv, rf)
-        np.bitwise_or.at(mask, inv, np.left_shift(1, src_a))
-        feats[:, -1] = np.array([bin(x).count("1") for x in range(1 << n_s)], np.float32)[mask] if n_s <= 12 else \
-            np.unpackbits(mask.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1).sum(1)
-        request = uniq // self.n_items
-        item = uniq % self.n_items
-        # keep the n_candidates best per request (by best per-source rank, ties by item index):
-        # one stable sort of ``2 * request - best`` (exact in float64: best is a float32 in (0, 1],
-        # so requests never overlap), ~2.5x faster than ``np.lexsort((-best, request))``, same order
-        order = np.argsort(2.0 * request - best.astype(np.float64), kind="stable")
-        request, item, feats, mask = request[order], item[order], feats[order], mask[order]
-        counts = np.bincount(request, minlength=b)
-        pos = np.arange(len(request)) - np.repeat(np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
-        keep = pos < self.n_candidates
-        return Candidates(request[keep], item[keep], feats[keep], mask[keep], self.feature_names)
+        # a source lists an item at most once per request, so the bits are distinct: sum == or
+        mask = np.bincount(inv, weights=np.left_shift(1, src_a).astype(np.float64), minlength=m).astype(np.int64)
+        feats[:, -1] = np.bincount(inv, minlength=m)
+        request = uniq // n_items
+        # order: request, then best (desc), then item (``uniq`` is sorted by (request, item))
+        order = _lex_order((request, _bits(b)), (_desc_key(best), 32))
+        req_o = request[order]
+        counts = np.bincount(req_o, minlength=b)
+        pos = np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts)
+        take = order[pos < self.n_candidates]
+        return Candidates(request[take], uniq[take] - request[take] * n_items, feats[take], mask[take], self.feature_names)
 
     def filter(self, cands: Candidates, *, blocked: Sequence[Sequence[int]] | None = None) -> Candidates:
         """Drop unavailable items and each request's blocked items."""
@@ -640,7 +707,7 @@ class TwoStagePipeline:
         rank inside their category is below the cap", which vectorises; skipped items refill
         the list (in rank order) when the catalog is too narrow to satisfy the cap."""
         req = cands.request
-        order = np.lexsort((-scores, req))
+        order = _lex_order((req, _bits(n_requests)), (_desc_key(scores), 32))  # = lexsort((-scores, req))
         req_o, item_o, sc_o, mask_o = req[order], cands.item[order], scores[order], cands.source_mask[order]
         counts = np.bincount(req_o, minlength=n_requests)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -649,13 +716,14 @@ class TwoStagePipeline:
             cap = max(1, int(np.ceil(max_category_share * k)))
             cat = self.ranker.features.primary_category[item_o]
             # rank within (request, category), preserving score order; items without a category are not capped
-            o2 = np.lexsort((pos, cat, req_o))
+            o2 = _lex_order((req_o, _bits(n_requests)), (cat + 1, _bits(int(cat.max(initial=0)) + 2)),
+                            (pos, _bits(int(pos.max(initial=0)) + 1)))  # = lexsort((pos, cat, req_o))
             grp = np.r_[True, (req_o[o2][1:] != req_o[o2][:-1]) | (cat[o2][1:] != cat[o2][:-1])]
             gstart = np.maximum.accumulate(np.where(grp, np.arange(len(o2)), 0))
             within = np.empty(len(o2), np.int64)
             within[o2] = np.arange(len(o2)) - gstart
             over = (within >= cap) & (cat >= 0)
-            o3 = np.lexsort((pos, over, req_o))
+            o3 = _lex_order((req_o, _bits(n_requests)), (over, 1), (pos, _bits(int(pos.max(initial=0)) + 1)))
             req_o, item_o, sc_o, mask_o = req_o[o3], item_o[o3], sc_o[o3], mask_o[o3]
             pos = np.arange(len(req_o)) - np.repeat(starts, counts)
         keep = pos < k

@@ -36,20 +36,20 @@ class Engine:
 
     # ---- request path --------------------------------------------------------------------
     def _history_matrix(self, histories: Sequence[Sequence[str]]):
+        """Consumed-items rows (requests x catalog, 1.0 per distinct known item, columns sorted):
+        built straight as CSR arrays, not through scipy's COO conversion."""
         import scipy.sparse as sp
 
-        rows, cols = [], []
         index = self.items.index
-        for r, h in enumerate(histories):
-            for item in h:
-                j = index.get(str(item))
-                if j is not None:
-                    rows.append(r)
-                    cols.append(j)
-        data = np.ones(len(rows), np.float32)
-        m = sp.csr_matrix((data, (rows, cols)), shape=(len(histories), len(self.items)), dtype=np.float32)
-        m.data[:] = 1.0
-        return m
+        n = len(self.items)
+        flat = [index.get(str(item), -1) for h in histories for item in h]
+        cols = np.array(flat, dtype=np.int64)
+        rows = np.repeat(np.arange(len(histories), dtype=np.int64), [len(h) for h in histories])
+        keys = np.unique((rows * n + cols)[cols >= 0])  # sorted, duplicates dropped
+        counts = np.bincount(keys // n, minlength=len(histories)) if len(histories) else np.zeros(0, np.int64)
+        indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        return sp.csr_matrix((np.ones(len(keys), np.float32), (keys % n).astype(np.int64), indptr),
+                             shape=(len(histories), n))
 
     def recommend(self, user_ids: Sequence[str], *, k: int, histories: Sequence[Sequence[str]] | None = None,
                   blocked: Sequence[Sequence[str]] | None = None) -> tuple[list[tuple[list[str], list[float]]], dict[str, float]]:

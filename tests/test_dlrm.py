@@ -142,6 +142,23 @@ def test_fast_path_matches_torchrec_forward_and_broadcast(tiny, trained):
     np.testing.assert_allclose(per_row, broadcast, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("user_item", ["table_product", "per_row"])
+def test_request_path_matches_torchrec_forward(tiny, trained, user_item, monkeypatch):
+    """The request path (user side once per request, item side from per-item tables, the (user x
+    item) dots either from one product with the item table or per row) gives TorchRec's logits for
+    every row, whatever the rows' order, unknown users and items included."""
+    s = trained.scorer
+    if user_item == "per_row":
+        monkeypatch.setattr(s, "TABLE_PRODUCT_MAX_RATIO", 0)
+    rng = np.random.default_rng(0)
+    n_req, per = 9, 6
+    req_users = rng.integers(-1, s.features.n_users, n_req)  # -1: a user the model never saw
+    row_req = rng.permutation(np.repeat(np.arange(n_req), per))
+    items = rng.integers(-1, s.features.n_items, n_req * per)
+    got = s.logits(req_users[row_req], items, request_of_row=row_req, request_users=req_users)
+    np.testing.assert_allclose(got, s.reference_logits(req_users[row_req], items), rtol=1e-5, atol=1e-5)
+
+
 def test_artifact_round_trip_same_scores(tiny, trained, tmp_path):
     from models.artifacts import load_artifact
     from models.dlrm import DLRMScorer

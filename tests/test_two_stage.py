@@ -422,3 +422,115 @@ def test_unique_inverse_by_table_equals_numpy():
         np.testing.assert_array_equal(inv, want_inv)
     u, inv = _unique_inverse(np.empty(0, np.int64), 10)
     assert len(u) == 0 and len(inv) == 0
+
+
+class _FixedSource:
+    """A candidate source answering fixed ranked lists (``-1`` = none), as real sources do."""
+
+    def __init__(self, name, items, scores):
+        self.name, self.items, self.scores = name, items, scores
+
+    def retrieve(self, user_idx, history, n, *, exclude=None):
+        return self.items[:, :n], self.scores[:, :n]
+
+
+def _merge_reference(blocks, quotas, names, n_requests, n_candidates):
+    """The merge rule in plain Python: union per request; per source its score and rank fraction
+    ``1 - pos / quota``; the bitmask and count of sources; keep the ``n_candidates`` best by best
+    rank fraction, ties by item index."""
+    out = []
+    for r in range(n_requests):
+        found = {}
+        for s, (name, (items, scores)) in enumerate(zip(names, blocks)):
+            q = quotas[name]
+            for pos, (i, sc) in enumerate(zip(items[r][:q], scores[r][:q])):
+                if i < 0:
+                    continue
+                f = found.setdefault(int(i), {"feats": [0.0] * (2 * len(names) + 1), "mask": 0, "best": 0.0})
+                rf = float(np.float32(1.0 - pos / q))
+                f["feats"][2 * s], f["feats"][2 * s + 1] = float(sc), rf
+                f["mask"] |= 1 << s
+                f["best"] = max(f["best"], rf)
+        ranked = sorted(found.items(), key=lambda kv: (-kv[1]["best"], kv[0]))[:n_candidates]
+        for i, f in ranked:
+            f["feats"][-1] = bin(f["mask"]).count("1")
+            out.append((r, i, f["feats"], f["mask"]))
+    return out
+
+
+@pytest.mark.parametrize("n_candidates", [3, 7, 50])
+def test_merge_matches_a_plain_python_reference(n_candidates):
+    """The vectorised merge (one de-duplication, one packed-key sort) keeps exactly the reference's
+    candidates, in its order, with its features: overlapping sources, different quotas (so rank
+    fractions of different sources tie), missing entries, a request with nothing."""
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame, quotas={"covisit": 6, "popular": 4}, n_candidates=n_candidates)
+    rng = np.random.default_rng(n_candidates)
+    b = 5
+    blocks = []
+    for width in (6, 4):
+        items = np.stack([rng.permutation(10)[:width] for _ in range(b)]).astype(np.int64)
+        items[rng.random(items.shape) < 0.2] = -1
+        blocks.append((items, rng.random(items.shape).astype(np.float32)))
+    blocks[0][0][3] = -1
+    blocks[1][0][3] = -1  # request 3: no candidate from any source
+    pipe.sources = [_FixedSource("covisit", *blocks[0]), _FixedSource("popular", *blocks[1])]
+    got = pipe.retrieve(np.arange(b), sp.csr_matrix((b, 10), dtype=np.float32))
+    want = _merge_reference(blocks, pipe.quotas, ["covisit", "popular"], b, n_candidates)
+    assert list(zip(got.request.tolist(), got.item.tolist())) == [(r, i) for r, i, _, _ in want]
+    np.testing.assert_array_equal(got.features, np.array([f for _, _, f, _ in want], np.float32).reshape(-1, 5))
+    assert got.source_mask.tolist() == [m for _, _, _, m in want]
+    assert 3 not in got.request
+
+
+@pytest.mark.parametrize("mapping", ["identity", "permuted_with_unknown"])
+def test_exact_retrieval_masks_before_the_top_n_like_the_search_then_filter_path(mapping):
+    """With an exact index every item is scored, so exclusions, index rows the pipeline does not
+    know and requests without signal are masked before one top-n; the generic path (search deeper,
+    map, filter, compact) must give the same lists."""
+    from models.two_stage import EmbeddingSource
+
+    rng = np.random.default_rng(1)
+    n_rows, n_items, b = 60, 60, 6
+    vecs = rng.standard_normal((n_rows, 8)).astype(np.float32)
+    queries = rng.standard_normal((b, 8)).astype(np.float32)
+    item_ids = None
+    if mapping != "identity":
+        item_ids = rng.permutation(n_items)[:n_rows].astype(np.int64)
+        item_ids[[3, 17, 40]] = -1  # rows of items the pipeline does not know
+    signal = np.ones(b, bool)
+    signal[2] = False
+
+    class Generic(EmbeddingSource):
+        exact = False  # the search -> map -> filter path every ANN index takes
+
+    fast = EmbeddingSource(vecs, lambda u, h: (queries, signal), item_ids=item_ids, n_items=n_items)
+    slow = Generic(vecs, lambda u, h: (queries, signal), item_ids=item_ids, n_items=n_items, index=fast.index)
+    exclude = sp.random(b, n_items, density=0.1, random_state=3, format="csr", dtype=np.float32)
+    exclude.data[:] = 1.0
+    for n in (1, 10, 45):
+        got_i, got_s = fast.retrieve(np.arange(b), exclude, n, exclude=exclude)
+        want_i, want_s = slow.retrieve(np.arange(b), exclude, n, exclude=exclude)
+        np.testing.assert_array_equal(got_i, want_i[:, : got_i.shape[1]])
+        np.testing.assert_allclose(got_s, want_s[:, : got_s.shape[1]], rtol=1e-6, atol=1e-6)
+        assert (got_i[2] == -1).all()
+        for r in range(b):
+            assert not set(got_i[r].tolist()) & set(exclude[r].indices.tolist())
+
+
+def test_packed_key_order_equals_lexsort():
+    """``_lex_order`` (one sort of packed int64 keys) is ``np.lexsort``: ties by row index, floats
+    of any sign in descending order via ``_desc_key``, and the plain lexsort past 63 bits."""
+    from models.two_stage import _bits, _desc_key, _lex_order
+
+    rng = np.random.default_rng(0)
+    n = 3_000
+    group = rng.integers(0, 9, n)
+    values = rng.choice(np.array([-2.5, -0.0, 0.0, 1e-30, 0.25, 0.25, 7.0, np.inf, -np.inf], np.float32), n)
+    values[:500] = rng.standard_normal(500).astype(np.float32)
+    np.testing.assert_array_equal(_lex_order((group, _bits(9)), (_desc_key(values), 32)),
+                                  np.lexsort((-values.astype(np.float64), group)))
+    small = rng.integers(0, 5, n)
+    np.testing.assert_array_equal(_lex_order((group, 4), (small, 3)), np.lexsort((small, group)))
+    wide = rng.integers(0, 2**40, n)
+    np.testing.assert_array_equal(_lex_order((group, 30), (wide, 40)), np.lexsort((wide, group)))  # fallback
