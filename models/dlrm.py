@@ -237,23 +237,27 @@ class RankingFeatures:
             parts.append(np.asarray(extra, dtype=np.float32))
         return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
 
-    def sparse_parts(self, user_idx: np.ndarray, item_idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{feature: (values, lengths)}`` in index space; unknown ids map to the OOV row."""
+    def user_parts(self, user_idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The user-side sparse features (``user_id``, ``user_hist``) as ``{feature: (values, lengths)}``;
+        unknown users map to the OOV row and have no history."""
         u_known = user_idx >= 0
-        i_known = item_idx >= 0
-        u = np.where(u_known, user_idx, self.n_users)
-        i = np.where(i_known, item_idx, self.n_items)
         hist_v, hist_l = _csr_gather(self.hist_indptr, self.hist_indices, np.where(u_known, user_idx, 0))
         if not u_known.all():  # unknown users have no history
             keep = np.repeat(u_known, hist_l)
             hist_v, hist_l = hist_v[keep], np.where(u_known, hist_l, 0)
+        return {"user_id": (np.where(u_known, user_idx, self.n_users).astype(np.int64), np.ones(len(user_idx), np.int64)),
+                "user_hist": (hist_v, hist_l)}
+
+    def sparse_parts(self, user_idx: np.ndarray, item_idx: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{feature: (values, lengths)}`` in index space; unknown ids map to the OOV row."""
+        i_known = item_idx >= 0
+        i = np.where(i_known, item_idx, self.n_items)
         cat_v, cat_l = _csr_gather(self.cat_indptr, self.cat_indices, np.where(i_known, item_idx, 0))
         if not i_known.all():
             keep = np.repeat(i_known, cat_l)
             cat_v, cat_l = cat_v[keep], np.where(i_known, cat_l, 0)
-        ones = np.ones(len(user_idx), dtype=np.int64)
-        return {"user_id": (u.astype(np.int64), ones), "item_id": (i.astype(np.int64), ones.copy()),
-                "user_hist": (hist_v, hist_l), "item_cats": (cat_v, cat_l)}
+        return {**self.user_parts(user_idx), "item_id": (i.astype(np.int64), np.ones(len(item_idx), dtype=np.int64)),
+                "item_cats": (cat_v, cat_l)}
 
     def kjt(self, user_idx: np.ndarray, item_idx: np.ndarray):
         """A ``KeyedJaggedTensor`` with keys in :data:`SPARSE_FEATURES` order."""
@@ -654,7 +658,7 @@ class DLRMScorer:
         n_fixed = len(USER_DENSE) + len(ITEM_DENSE)
         dense = np.concatenate([self._user_dense_n[u_rows], self._item_dense_n[i_rows],
                                 (extra - self.dense_mean[n_fixed:]) / self.dense_std[n_fixed:]], axis=1)
-        parts_u = feats.sparse_parts(req_u, np.zeros(len(req_u), dtype=np.int64))
+        parts_u = feats.user_parts(req_u)
         if request_of_row is not None and self._over_mlp_grouped is not None:
             with torch.inference_mode():
                 dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))

