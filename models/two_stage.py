@@ -180,7 +180,8 @@ def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 @runtime_checkable
 class CandidateSource(Protocol):
-    """Returns up to ``n`` ranked items per request (``-1`` = none), never one in ``exclude``."""
+    """Returns up to ``n`` ranked items per request (``-1`` = none), each at most once per request
+    (the merge relies on it), never one in ``exclude``."""
 
     name: str
 
