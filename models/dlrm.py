@@ -517,7 +517,8 @@ class DLRMScorer:
         bags = dlrm.sparse_arch.embedding_bag_collection.embedding_bags
         self._weights = {name: bags[name].weight.detach() for name in ("t_user", "t_item", "t_cat")}
         self._item_cats_table: "torch.Tensor | None" = None
-        self._item_side_table: "tuple[torch.Tensor, torch.Tensor] | None" = None
+        self._item_side_table: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None
+        self._item_pair_table: "torch.Tensor | None" = None
         self._grouped_columns = self._grouped_layout()
         self.set_precision(precision)
         # normalised dense tables (the same float32 arithmetic as normalising per row, done once)
@@ -544,7 +545,8 @@ class DLRMScorer:
         self._over_mlp = LinearStack(over_lin, over_relu, precision=precision)
         self._over_mlp_grouped = None
         if self._grouped_columns is not None:  # the same first layer, columns in the grouped input's order
-            first = nn.Linear(over_lin[0].in_features, over_lin[0].out_features, bias=over_lin[0].bias is not None)
+            first = nn.utils.skip_init(nn.Linear, over_lin[0].in_features, over_lin[0].out_features,
+                                       bias=over_lin[0].bias is not None)  # no random init: overwritten below
             with torch.no_grad():
                 first.weight.copy_(over_lin[0].weight[:, self._grouped_columns])
                 if first.bias is not None:
@@ -562,6 +564,7 @@ class DLRMScorer:
         self.quantized = True
         self._item_cats_table = None
         self._item_side_table = None
+        self._item_pair_table = None
         return self
 
     def _item_cats(self) -> "torch.Tensor":
@@ -608,10 +611,23 @@ class DLRMScorer:
             import torch
 
             with torch.inference_mode():
-                ids = self._rows("t_item", torch.arange(self.features.n_items + 1)).contiguous()  # last row: OOV
-                cats = self._item_cats().contiguous()
+                # the item table itself has the OOV row last (a full dequantized copy only when int8)
+                ids = self._rows("t_item", torch.arange(self.features.n_items + 1)) if self.quantized \
+                    else self._weights["t_item"]
+                cats = self._item_cats()
                 self._item_side_table = (ids, cats, (ids * cats).sum(dim=1))
         return self._item_side_table
+
+    def _item_pairs(self) -> "torch.Tensor":
+        """``(2 * (n_items + 1), D)``: the item id table, then the pooled category table (the
+        (user x item) table product's right-hand side; built only where the catalog is small
+        enough for that product to be used)."""
+        if self._item_pair_table is None:
+            import torch
+
+            ids, cats, _ = self._item_side()
+            self._item_pair_table = torch.cat([ids, cats])
+        return self._item_pair_table
 
     def _rows(self, table: str, idx: "torch.Tensor") -> "torch.Tensor":
         import torch
@@ -640,9 +656,10 @@ class DLRMScorer:
                request_of_row: np.ndarray | None = None, request_users: np.ndarray | None = None) -> np.ndarray:
         """Raw logits: TorchRec's DLRM forward (checked against it by :meth:`reference_logits`), laid
         out for serving. With ``request_users`` (one user per request) and ``request_of_row`` (the
-        request of each row), user-side embeddings are computed once per request; item-side
-        category bags and the dense normalisation come from tables built once per model; the
-        MLPs run fused on oneDNN in :attr:`precision`."""
+        request of each row), user-side embeddings are computed once per request and the
+        interaction dots where each is cheapest (:meth:`_interact_grouped`); item-side category bags
+        and the dense normalisation come from tables built once per model; the MLPs run in
+        :attr:`precision` through :class:`models.inference.LinearStack`."""
         import torch
 
         user_idx = np.asarray(user_idx, dtype=np.int64)
@@ -700,8 +717,7 @@ class DLRMScorer:
         item_vecs = [ids.index_select(0, item_rows), cats.index_select(0, item_rows)]
         n_rows = ids.shape[0]
         if n_rows <= self.TABLE_PRODUCT_MAX_RATIO * max(m // max(b, 1), 1):
-            table = torch.cat([ids, cats])  # (2 * rows, D), _ITEM_SIDE order
-            prod = torch.cat(user_vecs) @ table.T  # (2B, 2 * rows): every user vector x every item vector
+            prod = torch.cat(user_vecs) @ self._item_pairs().T  # (2B, 2 * rows): every user vector x every item vector
             at = [((k * b + req) * (2 * n_rows) + j * n_rows + item_rows) for k in range(2) for j in range(2)]
             user_item = prod.view(-1).index_select(0, torch.stack(at, dim=1).view(-1)).view(m, 4)
         else:

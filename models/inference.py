@@ -88,13 +88,14 @@ class LinearStack:
         self._op = _fused_op()
         if self._op is not None:  # a build may list the op but not run it on this CPU: check once
             try:
-                with torch.inference_mode():
-                    self._run(torch.zeros(2, self.in_features), self._op)
+                with torch.inference_mode():  # past the small-row switch, or the probe would not call the op
+                    self._run(torch.zeros(SMALL_FP32_ROWS + 1, self.in_features), self._op)
             except Exception:  # noqa: BLE001
                 self._op = None
 
     @property
     def fused(self) -> bool:
+        """oneDNN's fused op is available (used for bf16 and for fp32 above ``SMALL_FP32_ROWS`` rows)."""
         return self._op is not None
 
     def _run(self, x: "torch.Tensor", op) -> "torch.Tensor":

@@ -71,10 +71,14 @@ def _unique_inverse(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
 
 def _desc_key(values: np.ndarray) -> np.ndarray:
     """Non-negative int64 (below 2**32) per float32 value whose ascending order is the values'
-    descending order (the float's bits made order-preserving, then flipped; NaN is not ordered)."""
-    bits = (np.asarray(values, dtype=np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> 0.0
+    descending order, NaN last (as ``np.lexsort`` of the negated values puts it): the float's bits
+    made order-preserving, then flipped. Float32 only: wider floats would tie where they differ."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        raise TypeError(f"_desc_key orders float32 values, got {values.dtype}")
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> 0.0
     ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # ascending with the value
-    return 0xFFFFFFFF - ordered
+    return np.where(np.isnan(values), 0xFFFFFFFF, 0xFFFFFFFF - ordered)
 
 
 def _lex_order(*columns: tuple[np.ndarray, int]) -> np.ndarray:
@@ -180,8 +184,8 @@ def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 @runtime_checkable
 class CandidateSource(Protocol):
-    """Returns up to ``n`` ranked items per request (``-1`` = none), each at most once per request
-    (the merge relies on it), never one in ``exclude``."""
+    """Returns up to ``n`` ranked items per request (``-1`` = none), never one in ``exclude``.
+    Columns past ``n`` are ignored by the merge (their rank fraction would not be positive)."""
 
     name: str
 
@@ -389,14 +393,10 @@ class EmbeddingSource:
         if self.item_ids is not None and len(self.item_ids) != len(self.item_vectors):
             raise TwoStageError(f"{name}: item_ids has {len(self.item_ids)} rows for {len(self.item_vectors)} item vectors")
         self._unmapped = 0 if self.item_ids is None else int((self.item_ids < 0).sum())
-        # the pipeline's catalog size (columns of the history rows) and, when the index's rows are
-        # not already the pipeline's items in order, where each mapped row's score goes
-        mapped = None if self.item_ids is None else np.flatnonzero(self.item_ids >= 0)
-        self.n_items = int(n_items) if n_items is not None else (
-            len(self.item_vectors) if mapped is None else int(self.item_ids.max(initial=-1)) + 1)
-        identity = mapped is None or (len(mapped) == len(self.item_vectors) == self.n_items
-                                      and np.array_equal(self.item_ids, np.arange(self.n_items)))
-        self._scatter = None if identity else (mapped, self.item_ids[mapped])
+        # the pipeline's catalog size when known (the exact path otherwise takes it from the
+        # request's history rows) and, per catalog width, where each index row's score goes
+        self.n_items = None if n_items is None else int(n_items)
+        self._scatters: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
         if index is None:
             import faiss
 
@@ -452,6 +452,19 @@ class EmbeddingSource:
             vecs, signal = self._user[np.where(known, user_idx, 0)], known
         return np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(signal, bool)
 
+    def _scatter(self, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(index rows, pipeline columns) of the rows that land in a catalog of ``width`` items, or
+        None when the index's rows already are that catalog's items in order."""
+        if width not in self._scatters:
+            n_rows = len(self.item_vectors)
+            dest = np.arange(n_rows, dtype=np.int64) if self.item_ids is None else self.item_ids
+            if n_rows == width and np.array_equal(dest, np.arange(width)):
+                self._scatters[width] = None
+            else:
+                rows = np.flatnonzero((dest >= 0) & (dest < width))
+                self._scatters[width] = (rows, dest[rows])
+        return self._scatters[width]
+
     @property
     def exact(self) -> bool:
         """Is the index an exact (flat) inner-product one? Then search is a matrix product."""
@@ -487,9 +500,12 @@ class EmbeddingSource:
             # every item is scored anyway: exclusions, unmapped rows and requests without signal
             # become -inf before the top n (no over-fetch, no filtering pass after it)
             scores = self._all_scores(q)
-            if self._scatter is not None:
-                rows, cols = self._scatter
-                dense = np.full((len(q), self.n_items), -np.inf, np.float32)
+            width = exclude.shape[1] if exclude is not None else history.shape[1] if history is not None else \
+                self.n_items if self.n_items is not None else len(self.item_vectors)
+            scatter = self._scatter(int(width))
+            if scatter is not None:
+                rows, cols = scatter
+                dense = np.full((len(q), int(width)), -np.inf, np.float32)
                 dense[:, cols] = scores[:, rows]
                 scores = dense
             scores[~signal] = -np.inf
@@ -669,9 +685,10 @@ class TwoStagePipeline:
         flat[slot + 1] = rf
         best = np.zeros(m, np.float32)
         np.maximum.at(best, inv, rf)
-        # a source lists an item at most once per request, so the bits are distinct: sum == or
-        mask = np.bincount(inv, weights=np.left_shift(1, src_a).astype(np.float64), minlength=m).astype(np.int64)
-        feats[:, -1] = np.bincount(inv, minlength=m)
+        present = np.zeros((m, n_s), bool)  # which sources produced each candidate (a repeat is still one)
+        present[inv, src_a] = True
+        mask = present.astype(np.int64) @ np.left_shift(1, np.arange(n_s, dtype=np.int64))
+        feats[:, -1] = present.sum(axis=1)
         request = uniq // n_items
         # order: request, then best (desc), then item (``uniq`` is sorted by (request, item))
         order = _lex_order((request, _bits(b)), (_desc_key(best), 32))
@@ -710,7 +727,8 @@ class TwoStagePipeline:
         rank inside their category is below the cap", which vectorises; skipped items refill
         the list (in rank order) when the catalog is too narrow to satisfy the cap."""
         req = cands.request
-        order = _lex_order((req, _bits(n_requests)), (_desc_key(scores), 32))  # = lexsort((-scores, req))
+        order = _lex_order((req, _bits(n_requests)), (_desc_key(scores), 32)) if scores.dtype == np.float32 else \
+            np.lexsort((-scores, req))  # the same order
         req_o, item_o, sc_o, mask_o = req[order], cands.item[order], scores[order], cands.source_mask[order]
         counts = np.bincount(req_o, minlength=n_requests)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))

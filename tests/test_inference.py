@@ -99,3 +99,24 @@ def test_bf16_ranker_ranks_like_fp32():
     assert np.abs(got - want).max() < 0.02
     overlap = [len(set(np.argsort(-w)[:10]) & set(np.argsort(-g)[:10])) / 10 for w, g in zip(want, got)]
     assert np.mean(overlap) >= 0.9, overlap
+
+
+def test_an_op_that_cannot_run_here_falls_back_to_plain_linear(monkeypatch):
+    """A torch build may list oneDNN's fused op without being able to run it on this CPU: the
+    start-up probe (past the small-row switch, so the op itself is called) notices and every row
+    count then runs on ``F.linear``."""
+    import torch
+    from torch import nn
+
+    from models import inference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this CPU")
+
+    monkeypatch.setattr(inference, "_fused_op", lambda: broken)
+    mlp = _mlp([11, 32, 1])
+    stack = inference.LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, False], precision="fp32")
+    assert not stack.fused
+    x = torch.randn(300, 11, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(stack(x), mlp(x), rtol=0, atol=0)

@@ -425,19 +425,21 @@ def test_unique_inverse_by_table_equals_numpy():
 
 
 class _FixedSource:
-    """A candidate source answering fixed ranked lists (``-1`` = none), as real sources do."""
+    """A candidate source answering fixed ranked lists (``-1`` = none); ``overlong`` ignores ``n``."""
 
-    def __init__(self, name, items, scores):
-        self.name, self.items, self.scores = name, items, scores
+    def __init__(self, name, items, scores, overlong=False):
+        self.name, self.items, self.scores, self.overlong = name, items, scores, overlong
 
     def retrieve(self, user_idx, history, n, *, exclude=None):
-        return self.items[:, :n], self.scores[:, :n]
+        items, scores = self.items[np.asarray(user_idx)], self.scores[np.asarray(user_idx)]
+        return (items, scores) if self.overlong else (items[:, :n], scores[:, :n])
 
 
 def _merge_reference(blocks, quotas, names, n_requests, n_candidates):
     """The merge rule in plain Python: union per request; per source its score and rank fraction
-    ``1 - pos / quota``; the bitmask and count of sources; keep the ``n_candidates`` best by best
-    rank fraction, ties by item index."""
+    ``1 - pos / quota`` (columns past the quota ignored; an item a source repeats keeps its last
+    entry); the bitmask and count of sources; keep the ``n_candidates`` best by best rank
+    fraction, ties by item index."""
     out = []
     for r in range(n_requests):
         found = {}
@@ -462,7 +464,8 @@ def _merge_reference(blocks, quotas, names, n_requests, n_candidates):
 def test_merge_matches_a_plain_python_reference(n_candidates):
     """The vectorised merge (one de-duplication, one packed-key sort) keeps exactly the reference's
     candidates, in its order, with its features: overlapping sources, different quotas (so rank
-    fractions of different sources tie), missing entries, a request with nothing."""
+    fractions of different sources tie), missing entries, a request with nothing, a source that
+    repeats an item and one that answers more than its quota."""
     data, frame = _hand_made()
     pipe = _pipeline(data, frame, quotas={"covisit": 6, "popular": 4}, n_candidates=n_candidates)
     rng = np.random.default_rng(n_candidates)
@@ -474,13 +477,18 @@ def test_merge_matches_a_plain_python_reference(n_candidates):
         blocks.append((items, rng.random(items.shape).astype(np.float32)))
     blocks[0][0][3] = -1
     blocks[1][0][3] = -1  # request 3: no candidate from any source
-    pipe.sources = [_FixedSource("covisit", *blocks[0]), _FixedSource("popular", *blocks[1])]
+    blocks[0][0][1, 4] = blocks[0][0][1, 0]  # request 1: covisit lists an item twice
+    extra = np.full((b, 3), 9, np.int64)  # popular answers 3 columns past its quota of 4
+    blocks[1] = (np.concatenate([blocks[1][0], extra], axis=1), np.concatenate([blocks[1][1], np.ones((b, 3), np.float32)], axis=1))
+    pipe.sources = [_FixedSource("covisit", *blocks[0]), _FixedSource("popular", *blocks[1], overlong=True)]
     got = pipe.retrieve(np.arange(b), sp.csr_matrix((b, 10), dtype=np.float32))
     want = _merge_reference(blocks, pipe.quotas, ["covisit", "popular"], b, n_candidates)
     assert list(zip(got.request.tolist(), got.item.tolist())) == [(r, i) for r, i, _, _ in want]
     np.testing.assert_array_equal(got.features, np.array([f for _, _, f, _ in want], np.float32).reshape(-1, 5))
     assert got.source_mask.tolist() == [m for _, _, _, m in want]
     assert 3 not in got.request
+    empty = pipe.retrieve(np.arange(0), sp.csr_matrix((0, 10), dtype=np.float32))
+    assert len(empty) == 0
 
 
 @pytest.mark.parametrize("mapping", ["identity", "permuted_with_unknown"])
@@ -518,6 +526,22 @@ def test_exact_retrieval_masks_before_the_top_n_like_the_search_then_filter_path
             assert not set(got_i[r].tolist()) & set(exclude[r].indices.tolist())
 
 
+def test_exact_retrieval_into_a_wider_catalog_takes_its_width_from_the_request():
+    """An index over fewer items than the pipeline's catalog (no ``n_items`` given): the exact
+    path scores into the catalog the history rows describe; excluded items beyond the index's
+    rows are fine."""
+    from models.two_stage import EmbeddingSource
+
+    rng = np.random.default_rng(2)
+    vecs = rng.standard_normal((5, 4)).astype(np.float32)
+    q = rng.standard_normal((1, 4)).astype(np.float32)
+    src = EmbeddingSource(vecs, lambda u, h: (q, np.ones(1, bool)))
+    exclude = sp.csr_matrix((np.ones(2, np.float32), ([0, 0], [7, int(np.argmax(q @ vecs.T))])), shape=(1, 8))
+    items, scores = src.retrieve(np.arange(1), exclude, 3, exclude=exclude)
+    order = [i for i in np.argsort(-(q @ vecs.T)[0], kind="stable") if i not in exclude[0].indices][:3]
+    assert items[0].tolist() == order
+
+
 def test_packed_key_order_equals_lexsort():
     """``_lex_order`` (one sort of packed int64 keys) is ``np.lexsort``: ties by row index, floats
     of any sign in descending order via ``_desc_key``, and the plain lexsort past 63 bits."""
@@ -534,3 +558,7 @@ def test_packed_key_order_equals_lexsort():
     np.testing.assert_array_equal(_lex_order((group, 4), (small, 3)), np.lexsort((small, group)))
     wide = rng.integers(0, 2**40, n)
     np.testing.assert_array_equal(_lex_order((group, 30), (wide, 40)), np.lexsort((wide, group)))  # fallback
+    with_nan = np.array([0.2, np.nan, 0.9, 0.5], np.float32)  # NaN last, as lexsort of the negation
+    np.testing.assert_array_equal(_lex_order((np.zeros(4, np.int64), 1), (_desc_key(with_nan), 32)), [2, 3, 0, 1])
+    with pytest.raises(TypeError, match="float32"):
+        _desc_key(np.array([0.5, 0.5 + 1e-12]))  # float64 would tie where it differs
