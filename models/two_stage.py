@@ -69,6 +69,11 @@ def _unique_inverse(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return uniq, slot[keys]
 
 
+def _bits(n: int) -> int:
+    """Bits needed for the integers ``0 .. n - 1``."""
+    return max(int(n - 1).bit_length(), 1)
+
+
 def _desc_key(values: np.ndarray) -> np.ndarray:
     """Non-negative int64 (below 2**32) per float32 value whose ascending order is the values'
     descending order, NaN last (as ``np.lexsort`` of the negated values puts it): the float's bits
@@ -87,7 +92,7 @@ def _lex_order(*columns: tuple[np.ndarray, int]) -> np.ndarray:
     packing the columns and the row index (numpy's vectorised sort of unique keys is ~10x a
     stable multi-key sort). Falls back to ``np.lexsort`` when the keys do not fit in 63 bits."""
     n = len(columns[0][0])
-    idx_bits = max(int(n - 1).bit_length(), 1)
+    idx_bits = _bits(n)
     if sum(b for _, b in columns) + idx_bits > 63:
         return np.lexsort(tuple(np.asarray(c) for c, _ in reversed(columns)))
     key = np.zeros(n, np.int64)
@@ -95,11 +100,6 @@ def _lex_order(*columns: tuple[np.ndarray, int]) -> np.ndarray:
         key = (key << bits) | np.asarray(col, dtype=np.int64)
     key = (key << idx_bits) | np.arange(n, dtype=np.int64)
     return np.sort(key) & ((1 << idx_bits) - 1)
-
-
-def _bits(n: int) -> int:
-    """Bits needed for the integers ``0 .. n - 1``."""
-    return max(int(n - 1).bit_length(), 1)
 
 
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
