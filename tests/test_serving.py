@@ -357,6 +357,43 @@ def test_reads_can_require_the_key_and_k_is_checked_in_process(tmp_path) -> None
     assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == switch  # shutdown gives the process back
 
 
+def test_fast_path_and_framework_route_answer_alike(tmp_path) -> None:
+    """The middleware's fast path for ``GET /v1/recommendations/{user_id}`` and the framework's
+    route (the same handler behind FastAPI's routing) give the same statuses, bodies and headers:
+    auth, bad k/context, long ids, percent-encoded ids, repeated query keys (last wins), extra path
+    segments (404 from the router) and the happy path (no models: the popularity fallback)."""
+    from fastapi.testclient import TestClient
+
+    from core.config import load_settings
+    from serving.app import LimitsAndMetrics, create_app
+
+    s = load_settings(root=tmp_path, environ={}, overrides={"environment": "test", "serving": {
+        "api_key": "secret", "require_key_for_reads": True, "registry_poll_s": 0, "max_k": 50}})
+    framework_only = create_app(s)
+    for mw in framework_only.user_middleware:
+        if mw.cls is LimitsAndMetrics:
+            mw.kwargs["fast_get"] = None
+    key = {"X-API-Key": "secret"}
+    cases = [("/v1/recommendations/u1", {}, {}), ("/v1/recommendations/u1", {}, {"X-API-Key": "nope"}),
+             ("/v1/recommendations/u1", {"k": "3"}, key), ("/v1/recommendations/u1", {"k": "0"}, key),
+             ("/v1/recommendations/u1", {"k": "x"}, key), ("/v1/recommendations/u1", {"context": "x" * 600}, key),
+             ("/v1/recommendations/u1", {"context": "nocolon"}, key), ("/v1/recommendations/" + "x" * 300, {}, key),
+             ("/v1/recommendations/a%20b", {"k": "2"}, key), ("/v1/recommendations/u1?k=2&k=4", {}, key),
+             ("/v1/recommendations/u1?k=2&k=51", {}, key),
+             ("/v1/recommendations/u1/more", {}, key), ("/v1/recommendations/", {}, key)]
+    with TestClient(create_app(s)) as fast, TestClient(framework_only) as slow:
+        for path, params, headers in cases:
+            a, b = fast.get(path, params=params, headers=headers), slow.get(path, params=params, headers=headers)
+            assert a.status_code == b.status_code, (path, params, a.text, b.text)
+            assert a.headers.get("content-type") == b.headers.get("content-type")
+            ja, jb = a.json(), b.json()
+            if a.status_code == 200:
+                for volatile in ("request_id", "timings_ms"):
+                    ja.pop(volatile), jb.pop(volatile)
+            assert ja == jb, (path, params)
+        assert fast.get("/v1/recommendations/u1?k=2&k=51", headers=key).status_code == 422  # the last k counts
+
+
 def test_model_stage_over_budget_falls_back_to_popular(world) -> None:
     """A model stage that overruns its deadline hands the request to the popularity fallback:
     a 200 marked ``timeout`` with k items, never a 5xx (in-process app on the same registry)."""
