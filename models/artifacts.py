@@ -537,7 +537,17 @@ def _download_and_load(uri: str, dest: Path, settings: "Settings") -> Artifact:
         verify_artifact(inner)
         staged = Path(tmp) / "staged"
         shutil.move(str(inner), staged)
+        # Several server workers start together and may all download the same (immutable) version:
+        # a copy another process finished first is kept (it may be loading from it right now), and
+        # only a damaged one is moved aside, atomically, never deleted under a reader.
         if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staged, dest)
+            try:
+                return load_artifact(dest)
+            except ArtifactError:
+                os.replace(dest, Path(tmp) / "damaged")  # removed with the temporary folder
+        try:
+            os.replace(staged, dest)
+        except OSError:  # another process's copy landed in between
+            if not (dest / MANIFEST).is_file():
+                raise
     return load_artifact(dest)

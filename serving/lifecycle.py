@@ -78,6 +78,8 @@ class ModelManager:
                                       model_threads=self.settings.serving.model_threads,
                                       precision=self.settings.serving.ranker_precision)
                 engine.warm_up()
+                if engine.degraded:
+                    log.warning("serving retrieval only: %s", engine.degraded)
             except Exception as exc:  # noqa: BLE001 - keep serving what we have
                 self.status.error = f"{type(exc).__name__}: {exc}"
                 self.status.ok = self.engine is not None

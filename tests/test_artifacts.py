@@ -127,3 +127,16 @@ def test_mlflow_registry_round_trip_and_offline_copy(settings):
         A.load_from_registry("models:/other/3", dead)
     with pytest.raises(A.ArtifactError, match="has no alias 'nope'"):
         A.load_from_registry("models:/dummy@nope", settings)
+    # server workers starting together all fetch the version at once: every one gets a loadable
+    # copy (none deletes the copy another is reading); a damaged copy is replaced
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(3):
+        shutil.rmtree(cache)
+        with ThreadPoolExecutor(4) as ex:
+            arts = list(ex.map(lambda _: A.load_from_registry("models:/dummy/1", settings), range(4)))
+        assert all(a.build().predict(frame)["score"].tolist() == [6.0, 22.0] for a in arts)
+    (cache / "manifest.json").write_text("{damaged")
+    again = A.load_from_registry("models:/dummy/1", settings)
+    assert not again.origin["cached"] and again.build().predict(frame)["score"].tolist() == [6.0, 22.0]
