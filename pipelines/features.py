@@ -504,44 +504,69 @@ class OnlineFeatureClient:
         """
         return self.users_features([user_id], now=now)[0]
 
+    def _columns(self, columns: Sequence[str] | None) -> tuple[str, ...]:
+        if columns is None:
+            return self.user_columns
+        unknown = [c for c in columns if c not in self.user_columns]
+        if unknown:
+            raise ValueError(f"unknown user feature(s) {unknown} of service {self.service!r}: {list(self.user_columns)}")
+        return tuple(columns)
+
+    def _fresh(self, uid: str, want: tuple[str, ...], t: float) -> dict[str, Any] | None:
+        """The cached entry if it is fresh and holds ``want`` (an entry of a partial read may not)."""
+        hit = self._cache.get(uid)
+        if hit is None or hit[0] <= t:
+            return None
+        raw = hit[1]
+        return raw if len(raw) == len(self.user_columns) or all(c in raw for c in want) else None
+
     def users_features(self, user_ids: Sequence[str], *, now: datetime | float | None = None,
-                       derived: bool = True) -> list[dict[str, Any]]:
+                       derived: bool = True, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """:meth:`user_features` for many users: cache hits from memory, every miss in ONE Feast
         read (the serving path reads a whole micro-batch of requests at once). ``derived=False``
-        returns the stored features only (fresh copies), skipping the derived ones."""
+        returns the stored features only (fresh copies), skipping the derived ones. ``columns``
+        (with ``derived=False``): only these stored features; a miss reads just their feature
+        views (the request path needs ``recent_items`` alone: half the read), and any fresh cache
+        entry holding them is a hit."""
+        if columns is not None and derived:
+            raise ValueError("derived features need every stored user feature: pass derived=False with columns")
+        want = self._columns(columns)
         uids = [str(u) for u in user_ids]
         t = time.monotonic()
         raws: list[dict[str, Any] | None] = []
         missing: list[int] = []
         for j, uid in enumerate(uids):
-            hit = self._cache.get(uid)
-            if hit is not None and hit[0] > t:
-                raws.append(hit[1])
-            else:
-                raws.append(None)
+            raw = self._fresh(uid, want, t)
+            raws.append(raw)
+            if raw is None:
                 missing.append(j)
         if missing:
             wanted = list(dict.fromkeys(uids[j] for j in missing))
-            read = dict(zip(wanted, self._read_users(wanted, self._user_refs)))
+            refs = self._user_refs if columns is None else [r for r in self._user_refs if r.split(":", 1)[1] in want]
+            read = dict(zip(wanted, self._read_users(wanted, refs)))
             for j in missing:
                 raws[j] = read[uids[j]]
             if self.cache_ttl_s > 0:
                 for uid, raw in read.items():
                     self._cache[uid] = (t + self.cache_ttl_s, raw)
         if not derived:
+            if columns is not None:
+                return [{c: r[c] for c in want} for r in raws]  # type: ignore[index]
             return [dict(r) for r in raws]  # type: ignore[arg-type]
         from feature_defs.transforms import derive_user_dict
 
         now_s = time.time() if now is None else (now if isinstance(now, (int, float)) else _utc(now).timestamp())
         return [derive_user_dict(dict(r), now_s) for r in raws]  # type: ignore[arg-type]
 
-    def cached_user_features(self, user_id: str) -> dict[str, Any] | None:
-        """A user's stored features from the per-process cache when fresh (a copy), else None: a
-        caller on an event loop answers cache hits inline and only hands misses to a thread."""
-        hit = self._cache.get(str(user_id))
-        if hit is not None and hit[0] > time.monotonic():
-            return dict(hit[1])
-        return None
+    def cached_user_features(self, user_id: str, *, columns: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """A user's stored features (``columns`` only, if given) from the per-process cache when
+        fresh (a copy), else None: a caller on an event loop answers cache hits inline and only
+        hands misses to a thread."""
+        want = self._columns(columns)
+        raw = self._fresh(str(user_id), want, time.monotonic())
+        if raw is None:
+            return None
+        return dict(raw) if columns is None else {c: raw[c] for c in want}
 
     def invalidate(self, user_id: str | None = None) -> None:
         """Drop one user's (or every) cached entry."""

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+#: the one stored user feature the request path uses (the models hold everything else they need)
+HISTORY = ("recent_items",)
+
+
 class FeaturesUnavailable(RuntimeError):
     """The online store is not loaded or not answering."""
 
@@ -86,7 +90,7 @@ class OnlineFeatures:
         """One pool hop and ONE store read (cache misses only) for every request queued meanwhile;
         a failing read becomes each request's exception (raised in its own task), not the batch's."""
         try:
-            feats = self.client.users_features([job.user_id for job in jobs], derived=False)
+            feats = self.client.users_features([job.user_id for job in jobs], derived=False, columns=HISTORY)
         except Exception as exc:  # noqa: BLE001 - returned, raised in each request's task
             return [exc] * len(jobs)
         return [[str(i) for i in (f.get("recent_items") or [])] for f in feats]
@@ -101,7 +105,7 @@ class OnlineFeatures:
             raise FeaturesUnavailable(self.error or "online features not loaded")
         if timeout_s <= 0:
             raise asyncio.TimeoutError
-        cached = self.client.cached_user_features(user_id)
+        cached = self.client.cached_user_features(user_id, columns=HISTORY)
         if cached is not None:  # fresh in this worker's cache: no store read, no thread hop
             return [str(i) for i in (cached.get("recent_items") or [])]
         if self._batcher is None:

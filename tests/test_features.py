@@ -334,6 +334,19 @@ def test_apply_events_is_visible_immediately(store_settings, materialized) -> No
     assert cached is not None and cached["recent_items"] == before["recent_items"]
     cached["recent_items"] = []                           # a copy: the cache is not touched
     assert client.cached_user_features("u3")["recent_items"] == before["recent_items"]
+    # the request path reads its one feature alone: the same value, and a history-only cache
+    # entry never stands in for a full read
+    client.invalidate()
+    history = client.users_features(["u3"], derived=False, columns=["recent_items"])
+    assert history == [{"recent_items": before["recent_items"]}]
+    assert client.cached_user_features("u3", columns=["recent_items"]) == history[0]
+    assert client.cached_user_features("u3") is None
+    assert client.user_features("u3")["user_events_total"] == before["user_events_total"]
+    assert client.cached_user_features("u3", columns=["recent_items"]) == history[0]  # a full entry holds it too
+    with pytest.raises(ValueError, match="unknown user feature"):
+        client.users_features(["u3"], derived=False, columns=["no_such_feature"])
+    with pytest.raises(ValueError, match="derived=False"):
+        client.users_features(["u3"], columns=["recent_items"])
     late = ts("2024-01-14 12:00")                         # older than the stored end-of-day snapshot
     result = client.apply_events(pd.DataFrame([
         {"user_id": "u3", "item_id": "i7", "event_type": "rate", "value": 5.0, "timestamp": late},
