@@ -18,14 +18,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from feature_defs.schema import USER_HISTORY_COLUMNS
+
 if TYPE_CHECKING:  # pragma: no cover
     from core.config import Settings
 
 log = logging.getLogger(__name__)
 
-
-#: the one stored user feature the request path uses (the models hold everything else they need)
-HISTORY = ("recent_items",)
+#: the stored user features the request path uses (the recent items; the models hold everything
+#: else they need), as the feature contract declares them
+HISTORY = USER_HISTORY_COLUMNS
 
 
 class FeaturesUnavailable(RuntimeError):
