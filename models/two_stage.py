@@ -275,7 +275,7 @@ class ItemItemSource:
         assert self.sim is not None, "fit() first"
         scores = _csr_rows_times(history, self.sim)
         scores[scores <= 0] = -np.inf
-        return _top_n_dense(scores, n, exclude)
+        return _top_n_dense(scores, n, exclude, copy=False)  # our own array
 
 
 class CoVisitationSource(ItemItemSource):
