@@ -26,6 +26,11 @@ class FeatureSettings(Section):
     store_dir: Path = Field(Path("features"), description="Registry, SQLite online store, generated feature_store.yaml and "
                                                           "feature tables; relative to paths.var_dir.")
     online_cache_ttl_s: float = Field(5.0, ge=0, description="Per-process cache of a user's online features (0: no cache).")
+    online_cache_refresh_ahead: float = Field(
+        0.0, ge=0, lt=1, description="The serving path re-reads a user's cached features in the background when a request "
+                                     "finds the entry within this fraction of online_cache_ttl_s of expiring (0: off), so "
+                                     "active users' requests stop waiting for reads; the staleness bound stays the TTL. "
+                                     "Costs extra reads (see docs/serving.md).")
     item_refresh_interval_s: float = Field(60.0, gt=0, description="How often the serving process checks the registry for a "
                                                                    "newer item materialisation and reloads its item table.")
 

@@ -521,13 +521,15 @@ class OnlineFeatureClient:
         return raw if len(raw) == len(self.user_columns) or all(c in raw for c in want) else None
 
     def users_features(self, user_ids: Sequence[str], *, now: datetime | float | None = None,
-                       derived: bool = True, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                       derived: bool = True, columns: Sequence[str] | None = None,
+                       refresh: bool = False) -> list[dict[str, Any]]:
         """:meth:`user_features` for many users: cache hits from memory, every miss in ONE Feast
         read (the serving path reads a whole micro-batch of requests at once). ``derived=False``
         returns the stored features only (fresh copies), skipping the derived ones. ``columns``
         (with ``derived=False``): only these stored features; a miss reads just their feature
         views (the request path needs ``recent_items`` alone: half the read), and any fresh cache
-        entry holding them is a hit."""
+        entry holding them is a hit. ``refresh``: read every user from the store (renewing the
+        cache entries) even where the cache is fresh."""
         if columns is not None and derived:
             raise ValueError("derived features need every stored user feature: pass derived=False with columns")
         want = self._columns(columns)
@@ -536,7 +538,7 @@ class OnlineFeatureClient:
         raws: list[dict[str, Any] | None] = []
         missing: list[int] = []
         for j, uid in enumerate(uids):
-            raw = self._fresh(uid, want, t)
+            raw = None if refresh else self._fresh(uid, want, t)
             raws.append(raw)
             if raw is None:
                 missing.append(j)
@@ -567,6 +569,12 @@ class OnlineFeatureClient:
         if raw is None:
             return None
         return dict(raw) if columns is None else {c: raw[c] for c in want}
+
+    def cache_expires_in(self, user_id: str) -> float | None:
+        """Seconds until the user's cache entry expires (None: no fresh entry)."""
+        hit = self._cache.get(str(user_id))
+        left = None if hit is None else hit[0] - time.monotonic()
+        return left if left is not None and left > 0 else None
 
     def invalidate(self, user_id: str | None = None) -> None:
         """Drop one user's (or every) cached entry."""

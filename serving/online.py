@@ -45,6 +45,8 @@ class OnlineFeatures:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._batcher: Any = None  # serving.recommend.MicroBatcher of feature reads, made on first use
+        self._refreshing: set[str] = set()  # users with a refresh-ahead read queued or running
+        self.refreshes = 0
         self.applied = 0
         self.apply_failures = 0
 
@@ -73,7 +75,7 @@ class OnlineFeatures:
 
     def status(self) -> dict[str, Any]:
         return {"loaded": self.client is not None, "error": self.error, "applied_events": self.applied,
-                "apply_failures": self.apply_failures}
+                "apply_failures": self.apply_failures, "refresh_ahead_reads": self.refreshes}
 
     def close(self) -> None:
         if self._task is not None:
@@ -89,10 +91,12 @@ class OnlineFeatures:
 
     # ---- reads --------------------------------------------------------------------------------
     def _histories(self, jobs: list[Any]) -> list[Any]:
-        """One pool hop and ONE store read (cache misses only) for every request queued meanwhile;
-        a failing read becomes each request's exception (raised in its own task), not the batch's."""
+        """One pool hop and ONE store read for every request queued meanwhile (cache misses, and
+        refresh-ahead jobs: ``k == 1``, read even though their entry is still fresh); a failing read
+        becomes each request's exception (raised in its own task), not the batch's."""
         try:
-            feats = self.client.users_features([job.user_id for job in jobs], derived=False, columns=HISTORY)
+            feats = self.client.users_features([job.user_id for job in jobs], derived=False, columns=HISTORY,
+                                               refresh=any(job.k == 1 for job in jobs))
         except Exception as exc:  # noqa: BLE001 - returned, raised in each request's task
             return [exc] * len(jobs)
         return [[str(i) for i in (f.get("recent_items") or [])] for f in feats]
@@ -109,17 +113,37 @@ class OnlineFeatures:
             raise asyncio.TimeoutError
         cached = self.client.cached_user_features(user_id, columns=HISTORY)
         if cached is not None:  # fresh in this worker's cache: no store read, no thread hop
+            self._refresh_ahead(user_id)
             return [str(i) for i in (cached.get("recent_items") or [])]
-        if self._batcher is None:
-            from serving.recommend import MicroBatcher
-
-            self._batcher = MicroBatcher(self._histories, max_batch=256, name="feature-reads")
-        fut = self._batcher.enqueue(user_id, 0, None)
+        fut = self._reads().enqueue(user_id, 0, None)
         async with asyncio.timeout(timeout_s):  # on expiry the awaited job future is cancelled: its batch skips it
             res = await fut
         if isinstance(res, Exception):  # the batch's read failed: a fresh error per request (one shared
             raise FeaturesUnavailable(f"{type(res).__name__}: {res}") from res  # object's traceback would grow)
         return res
+
+    def _reads(self) -> Any:
+        if self._batcher is None:
+            from serving.recommend import MicroBatcher
+
+            self._batcher = MicroBatcher(self._histories, max_batch=256, name="feature-reads")
+        return self._batcher
+
+    def _refresh_ahead(self, user_id: str) -> None:
+        """A request found a fresh entry close to expiring (``features.online_cache_refresh_ahead``):
+        queue a background read that renews it, so this active user's next request does not wait
+        for one. The entry being served is still within the TTL: the staleness bound is unchanged.
+        At most one refresh per user is in flight; its result only lands in the cache."""
+        feats = self.settings.features
+        ahead = feats.online_cache_refresh_ahead * feats.online_cache_ttl_s
+        if ahead <= 0 or user_id in self._refreshing:
+            return
+        left = self.client.cache_expires_in(user_id)
+        if left is None or left > ahead:
+            return
+        self._refreshing.add(user_id)
+        self.refreshes += 1
+        self._reads().enqueue(user_id, 1, None).add_done_callback(lambda _: self._refreshing.discard(user_id))
 
     # ---- event updates ------------------------------------------------------------------------
     def _apply(self, records: list[dict[str, Any]]) -> None:

@@ -429,3 +429,45 @@ def test_redis_online_store_end_to_end(tmp_path, store_settings) -> None:
             conn.delete(key)
         conn.close()
     assert not leftovers, f"teardown left {len(leftovers)} Redis keys of project {project}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ahead", [0.75, 0.0])
+def test_serving_features_refresh_ahead_of_expiry(store_settings, materialized, ahead) -> None:
+    """The serving path renews an active user's cache entry in the background when a request finds
+    it close to expiring (``features.online_cache_refresh_ahead``): the request is answered from
+    the cache at once, the entry's expiry moves forward, at most one refresh per user is in flight;
+    0 turns it off."""
+    import asyncio
+
+    from serving.online import OnlineFeatures
+
+    s = store_settings.model_copy(update={"features": store_settings.features.model_copy(
+        update={"online_cache_ttl_s": 2.0, "online_cache_refresh_ahead": ahead})})
+    feats = OnlineFeatures(s)
+    feats.start()
+
+    async def scenario() -> None:
+        first = await feats.user_history("u3", timeout_s=5)  # a miss: read from the store
+        await asyncio.sleep(0.7)  # 1.3 s left: inside the 1.5 s refresh window (when on)
+        left = feats.client.cache_expires_in("u3")
+        assert left is not None and left < 1.5
+        assert await feats.user_history("u3", timeout_s=5) == first  # answered from the cache
+        assert await feats.user_history("u3", timeout_s=5) == first
+        if ahead == 0:
+            assert feats.refreshes == 0
+            return
+        assert feats.refreshes == 1  # one refresh in flight for the user, not one per request
+        for _ in range(100):  # the background read lands within a few ms; bounded wait
+            renewed = feats.client.cache_expires_in("u3")
+            if renewed is not None and renewed > left + 0.3:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the refresh-ahead read never renewed the entry")
+        assert feats.status()["refresh_ahead_reads"] == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        feats.close()
