@@ -676,13 +676,12 @@ class DLRMScorer:
         dense = np.concatenate([self._user_dense_n[u_rows], self._item_dense_n[i_rows],
                                 (extra - self.dense_mean[n_fixed:]) / self.dense_std[n_fixed:]], axis=1)
         parts_u = feats.user_parts(req_u)
-        if request_of_row is not None and self._over_mlp_grouped is not None:
-            with torch.inference_mode():
-                dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
+        with torch.inference_mode():
+            dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
+            if request_of_row is not None and self._over_mlp_grouped is not None:
                 x = self._interact_grouped(dense_emb, torch.from_numpy(i_rows), np.asarray(request_of_row, dtype=np.int64),
                                            parts_u)
                 return self._over_mlp_grouped(x).squeeze(-1).numpy()
-        with torch.inference_mode():
             emb = {
                 "user_id": self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
                 "user_hist": self._bag_mean("t_item", *parts_u["user_hist"]),
@@ -693,9 +692,7 @@ class DLRMScorer:
                 row_req = torch.from_numpy(np.asarray(request_of_row, dtype=np.int64))
                 emb["user_id"] = emb["user_id"][row_req]
                 emb["user_hist"] = emb["user_hist"][row_req]
-            dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
-            out = self._over_mlp(self._interact(dense_emb, emb)).squeeze(-1)
-        return out.numpy()
+            return self._over_mlp(self._interact(dense_emb, emb)).squeeze(-1).numpy()
 
     def _interact_grouped(self, dense_emb: "torch.Tensor", item_rows: "torch.Tensor", row_req: np.ndarray,
                           parts_u: dict[str, tuple[np.ndarray, np.ndarray]]) -> "torch.Tensor":

@@ -397,9 +397,9 @@ class EmbeddingSource:
         # request's history rows) and, per catalog width, where each index row's score goes
         self.n_items = None if n_items is None else int(n_items)
         self._scatters: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
-        if index is None:
-            import faiss
+        import faiss
 
+        if index is None:
             d = self.item_vectors.shape[1]
             if len(self.item_vectors) > hnsw_above:
                 index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
@@ -410,6 +410,7 @@ class EmbeddingSource:
         elif index.ntotal != len(self.item_vectors):
             raise TwoStageError(f"{name}: the index holds {index.ntotal} vectors, item_vectors {len(self.item_vectors)}")
         self.index = index
+        self._exact = isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT
 
     @classmethod
     def from_retrieval(cls, retrieval: Any, *, users: IdMap, items: IdMap, name: str = "two_tower") -> "EmbeddingSource":
@@ -468,9 +469,7 @@ class EmbeddingSource:
     @property
     def exact(self) -> bool:
         """Is the index an exact (flat) inner-product one? Then search is a matrix product."""
-        import faiss
-
-        return isinstance(self.index, faiss.IndexFlat) and self.index.metric_type == faiss.METRIC_INNER_PRODUCT
+        return self._exact
 
     def _all_scores(self, queries: np.ndarray) -> np.ndarray:
         """``(B, index rows)`` inner products: torch's GEMM honours the worker's thread count
@@ -486,12 +485,8 @@ class EmbeddingSource:
         heap-based flat search at the hundreds of results a request asks for); ANN indexes go
         through FAISS."""
         if self.exact:
-            scores = self._all_scores(queries)
-            rows = np.argpartition(-scores, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1] else \
-                np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
-            top = np.take_along_axis(scores, rows, axis=1)
-            order = np.argsort(-top, axis=1, kind="stable")
-            return np.take_along_axis(top, order, axis=1), np.take_along_axis(rows, order, axis=1)
+            rows, scores = _top_n_dense(self._all_scores(queries), depth, None, copy=False)
+            return scores, rows
         return self.index.search(queries, depth)
 
     def retrieve(self, user_idx, history, n, *, exclude=None):
