@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from core.settings_base import Section
 
@@ -34,6 +34,26 @@ class TwoTowerSettings(Section):
     index: Literal["auto", "flat", "hnsw"] = "auto"
 
 
+class RankerSettings(Section):
+    """DLRM ranker layer sizes (see ``models.dlrm.DLRMConfig``). The over arch's MLP is most of the
+    serving CPU a recommendation costs (it scores every candidate of every request), so its size
+    is a latency/quality trade-off measured by ``benchmarks/ranker_arch.py``."""
+
+    dense_arch: list[int] = Field(default_factory=lambda: [128, 64],
+                                  description="Bottom MLP over the dense features; its last size becomes the embedding dim.")
+    over_arch: list[int] = Field(default_factory=lambda: [256, 128, 1],
+                                 description="Top MLP over the interactions; must end with 1 (the logit).")
+
+    @field_validator("dense_arch", "over_arch")
+    @classmethod
+    def _positive_layers(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
+        if not sizes or any(int(x) < 1 for x in sizes):
+            raise ValueError(f"{info.field_name} must be a non-empty list of positive layer sizes, got {sizes}")
+        if info.field_name == "over_arch" and sizes[-1] != 1:
+            raise ValueError(f"over_arch must end with 1 (the logit), got {sizes}")
+        return sizes
+
+
 class TrainingSettings(Section):
     """Training presets: ``laptop`` for quick runs, ``full`` for the benchmark."""
 
@@ -45,6 +65,7 @@ class TrainingSettings(Section):
     learning_rate: float = Field(0.05, gt=0, description="Embedding tables (row-wise Adagrad).")
     eval_ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     two_tower: TwoTowerSettings = TwoTowerSettings()
+    ranker: RankerSettings = RankerSettings()
 
     def effective(self) -> "TrainingSettings":
         """These settings with the preset's values filling every field not set explicitly."""

@@ -31,11 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def ranker_params(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """DLRM hyper-parameters: the training preset (dim, batch size, epochs) plus overrides."""
+    """DLRM hyper-parameters: the training preset (dim, batch size, epochs), the layer sizes
+    (``training.ranker``), plus overrides."""
     t = settings.training
     params: dict[str, Any] = {"embedding_dim": t.embedding_dim, "batch_size": t.batch_size,
                               "epochs": t.epochs if t.preset == "laptop" else max(t.epochs, 8),
-                              "learning_rate": 1e-3, "embedding_lr": t.learning_rate, "patience": 2}
+                              "learning_rate": 1e-3, "embedding_lr": t.learning_rate, "patience": 2,
+                              "dense_arch": tuple(t.ranker.dense_arch), "over_arch": tuple(t.ranker.over_arch)}
     params.update({k: v for k, v in overrides.items() if v is not None})
     return params
 

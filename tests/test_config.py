@@ -72,3 +72,16 @@ def test_repo_config_files_are_valid() -> None:
     for path in sorted((root / "config").glob("*.yaml")):
         s = load_settings(root=root, environ={}, config_file=path)
         assert s.profile == path.stem
+
+
+def test_ranker_layer_sizes_reach_the_trainer_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from pipelines.train_ranker import ranker_params
+
+    s = load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__OVER_ARCH": "[64, 32, 1]",
+                                              "RECSYS_TRAINING__RANKER__DENSE_ARCH": "[32, 16]"})
+    params = ranker_params(s)
+    assert params["over_arch"] == (64, 32, 1) and params["dense_arch"] == (32, 16)
+    with pytest.raises(ConfigError, match="training.ranker.over_arch.*end with 1"):
+        load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__OVER_ARCH": "[64, 32]"})
+    with pytest.raises(ConfigError, match="training.ranker.dense_arch"):
+        load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__DENSE_ARCH": "[]"})

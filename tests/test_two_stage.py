@@ -223,6 +223,8 @@ def test_train_ranker_logs_registers_and_round_trips(settings):
     assert "plots/calibration_test.png" in arts
     loaded = DLRMScorer.load(f"models:/{settings.registry.ranking_model}/1", settings=settings)
     trained = r.__dict__["two_stage"].pipeline.ranker
+    assert trained.config.over_arch == tuple(settings.training.ranker.over_arch)  # the configured layer sizes
+    assert loaded.config.over_arch == trained.config.over_arch
     u, i = np.arange(5), np.arange(5)
     extra = np.zeros((5, len(trained.config.extra_dense)), np.float32)
     np.testing.assert_array_equal(loaded.score(u, i, extra), trained.score(u, i, extra))
