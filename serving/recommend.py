@@ -12,8 +12,11 @@ hands the request to the next fallback, so the answer is always a 200 with
 
 Micro-batching: concurrent requests of one worker are scored together in one call of the
 pipeline (one FAISS search, one DLRM forward), on one model thread. While a batch computes,
-new requests queue; the next batch takes them all (like group commit: no timer, no added
-latency for a lone request). Per-request Python is what the pipeline cannot amortise.
+new requests queue; the next batch takes them all (like group commit). Optionally
+(``serving.microbatch_wait_ms``, Triton's ``max_queue_delay``) a batch smaller than
+``microbatch_max`` starts only once its oldest request has waited that long: requests that
+queued behind a running batch have already waited and go at once, a lone request on an idle
+model waits at most that long. Per-request Python is what the pipeline cannot amortise.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class ModelJob:
     history: list[str] | None
     future: asyncio.Future
     engine_versions: dict[str, str] = field(default_factory=dict)
+    queued_at: float = 0.0  # loop time of enqueue
 
 
 class MicroBatcher:
@@ -63,7 +67,7 @@ class MicroBatcher:
         a batch skips cancelled jobs, so an overloaded worker does not keep computing answers
         nobody waits for (which would make every later request miss its deadline too)."""
         loop = asyncio.get_running_loop()
-        job = ModelJob(user_id, k, history, loop.create_future())
+        job = ModelJob(user_id, k, history, loop.create_future(), queued_at=loop.time())
         self._pending.append(job)
         if not self._draining:
             self._draining = True
@@ -78,7 +82,9 @@ class MicroBatcher:
         try:
             while self._pending:
                 if self.wait_s and len(self._pending) < self.max_batch:
-                    await asyncio.sleep(self.wait_s)
+                    delay = self._pending[0].queued_at + self.wait_s - loop.time()
+                    if delay > 0:  # the oldest request has not waited its linger yet
+                        await asyncio.sleep(delay)
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 batch = [j for j in batch if not j.future.done()]  # timed-out requests are not computed
                 if not batch:

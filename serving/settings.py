@@ -35,7 +35,8 @@ class ServingSettings(Section):
     features_budget_ms: float = Field(10.0, gt=0)
     model_budget_ms: float = Field(40.0, gt=0, description="Retrieval + filter + ranking + diversity, in one batched call.")
     microbatch_max: int = Field(64, ge=1, description="Most concurrent requests scored in one batched model call.")
-    microbatch_wait_ms: float = Field(0.0, ge=0, description="Extra wait to fill a micro-batch (0: take whatever is queued).")
+    microbatch_wait_ms: float = Field(0.0, ge=0, description="Linger: a micro-batch smaller than microbatch_max starts once "
+                                      "its oldest request has waited this long (0: take whatever is queued).")
     model_threads: int = Field(1, ge=1, description="Torch intra-op threads per worker (1 per worker on small machines).")
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, description="CPython's GIL switch interval in a worker (default 5 ms). The event loop, the "

@@ -33,6 +33,44 @@ def test_concurrent_jobs_share_a_batch_and_cancelled_jobs_are_skipped() -> None:
     assert calls == [["a"], ["b", "d"]]
 
 
+def test_linger_waits_from_the_oldest_request_not_per_batch() -> None:
+    """``wait_ms``: a lone request waits for company at most that long (counted from its own
+    arrival); requests that queued behind a running batch have waited already and go at once."""
+    import time
+
+    from serving.recommend import MicroBatcher
+
+    calls: list[tuple[list[str], float]] = []
+    gate = threading.Event()
+
+    def fn(jobs):
+        calls.append(([j.user_id for j in jobs], time.monotonic()))
+        if jobs[0].user_id == "a":
+            gate.wait(5)
+        return [j.user_id for j in jobs]
+
+    async def scenario():
+        b = MicroBatcher(fn, max_batch=8, wait_ms=150)
+        t0 = time.monotonic()
+        first = b.enqueue("a", 1, None)
+        await asyncio.sleep(0.05)
+        second = b.enqueue("b", 1, None)  # arrives within a's linger: same batch
+        await asyncio.sleep(0.3)  # batch [a, b] is running (blocked on the gate)
+        rest = [b.enqueue(u, 1, None) for u in ("c", "d")]
+        await asyncio.sleep(0.2)  # c and d have now waited longer than the linger
+        t_release = time.monotonic()
+        gate.set()
+        out = [await f for f in (first, second, *rest)]
+        b.close()
+        return out, t0, t_release
+
+    out, t0, t_release = asyncio.run(scenario())
+    assert out == ["a", "b", "c", "d"]
+    assert [c[0] for c in calls] == [["a", "b"], ["c", "d"]]
+    assert calls[0][1] - t0 >= 0.14  # the first batch waited out a's linger
+    assert calls[1][1] - t_release < 0.1  # the second did not linger again
+
+
 def test_a_failing_batch_fails_each_waiter_not_the_worker() -> None:
     from serving.recommend import MicroBatcher
 
