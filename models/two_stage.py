@@ -160,19 +160,47 @@ def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix
     return out_i, out_s
 
 
-def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix) -> np.ndarray:
+#: gathered (history entry x neighbour) products per pass of :func:`_csr_rows_times`: bounds its
+#: temporaries (~40 bytes each) to ~80 MB when offline scoring hands it thousands of users at once;
+#: a serving micro-batch (tens of users x tens of items x hundreds of neighbours) is one pass
+ROWS_TIMES_MAX_ENTRIES = 1 << 21
+
+
+def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix, *,
+                    max_entries: int = ROWS_TIMES_MAX_ENTRIES) -> np.ndarray:
     """Dense ``history @ weights`` (B x n_items, float32) for a batch of history rows, as one
     ``bincount`` over the gathered weight rows: scipy's sparse product (summed in float64 here, so
     equal up to float32 rounding) without its per-call overhead, which dominates at a request's
-    batch sizes."""
+    batch sizes. Rows go in groups of at most ``max_entries`` gathered products (a single row may
+    exceed it), so memory stays bounded for large offline batches."""
     h = _as_csr(history)
     b, n = h.shape[0], weights.shape[1]
-    req = np.repeat(np.arange(b, dtype=np.int64), np.diff(h.indptr))
     starts = weights.indptr[h.indices].astype(np.int64)
     lengths = weights.indptr[h.indices + 1].astype(np.int64) - starts
     total = int(lengths.sum())
     if total == 0:
         return np.zeros((b, n), np.float32)
+    if total <= max_entries:
+        return _rows_times_pass(h, weights, starts, lengths, total)
+    out = np.empty((b, n), np.float32)
+    cum = np.concatenate(([0], np.cumsum(lengths)))
+    row_end = cum[h.indptr[1:]]  # gathered products up to the end of each row
+    r0 = 0
+    while r0 < b:
+        e0 = h.indptr[r0]
+        r1 = max(int(np.searchsorted(row_end, cum[e0] + max_entries, side="right")), r0 + 1)
+        e1 = h.indptr[r1]
+        out[r0:r1] = _rows_times_pass(h[r0:r1], weights, starts[e0:e1], lengths[e0:e1], int(cum[e1] - cum[e0]))
+        r0 = r1
+    return out
+
+
+def _rows_times_pass(h: sp.csr_matrix, weights: sp.csr_matrix, starts: np.ndarray, lengths: np.ndarray,
+                     total: int) -> np.ndarray:
+    b, n = h.shape[0], weights.shape[1]
+    if total == 0:
+        return np.zeros((b, n), np.float32)
+    req = np.repeat(np.arange(b, dtype=np.int64), np.diff(h.indptr))
     offs = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
     keys = np.repeat(req * n, lengths) + weights.indices[offs].astype(np.int64)
     vals = weights.data[offs].astype(np.float64) * np.repeat(h.data.astype(np.float64), lengths)

@@ -399,6 +399,9 @@ def test_numpy_kernels_match_scipy():
     h.eliminate_zeros()
     np.testing.assert_allclose(_csr_rows_times(h, w), (h @ w).toarray(), rtol=1e-5, atol=1e-6)
     assert _csr_rows_times(sp.csr_matrix((2, 60), dtype=np.float32), w).shape == (2, 60)
+    # large offline batches go in row groups of bounded size (a row bigger than the bound alone): same numbers
+    for bound in (1, 7, 25):
+        np.testing.assert_array_equal(_csr_rows_times(h, w, max_entries=bound), _csr_rows_times(h, w))
     items = np.stack([rng.permutation(60)[:20] for _ in range(5)]).astype(np.int64)
     items[1, 3] = -1
     scores = -np.sort(-rng.random((5, 20)).astype(np.float32), axis=1)
