@@ -14,9 +14,9 @@ Micro-batching: concurrent requests of one worker are scored together in one cal
 pipeline (one FAISS search, one DLRM forward), on one model thread. While a batch computes,
 new requests queue; the next batch takes them all (like group commit). Optionally
 (``serving.microbatch_wait_ms``, Triton's ``max_queue_delay``) a batch smaller than
-``microbatch_max`` starts only once its oldest request has waited that long: requests that
-queued behind a running batch have already waited and go at once, a lone request on an idle
-model waits at most that long. Per-request Python is what the pipeline cannot amortise.
+``microbatch_max`` starts only once its oldest (still waiting) request has waited that long, or
+as soon as the queue fills a batch: requests that queued behind a running batch have already
+waited and go at once, a lone request on an idle model waits at most that long. Per-request Python is what the pipeline cannot amortise.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._pending: list[ModelJob] = []
         self._draining = False
+        self._filled: asyncio.Event | None = None  # set while lingering: the queue reached max_batch
         from core.threads import name_os_thread
 
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=name_os_thread,
@@ -69,6 +70,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         job = ModelJob(user_id, k, history, loop.create_future(), queued_at=loop.time())
         self._pending.append(job)
+        if self._filled is not None and len(self._pending) >= self.max_batch:
+            self._filled.set()  # a full batch does not wait out the linger
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
@@ -81,10 +84,21 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                while self._pending and self._pending[0].future.done():
+                    self._pending.pop(0)  # a request that gave up does not set the linger's clock
+                if not self._pending:
+                    break
                 if self.wait_s and len(self._pending) < self.max_batch:
                     delay = self._pending[0].queued_at + self.wait_s - loop.time()
                     if delay > 0:  # the oldest request has not waited its linger yet
-                        await asyncio.sleep(delay)
+                        self._filled = asyncio.Event()
+                        try:
+                            await asyncio.wait_for(self._filled.wait(), delay)
+                        except asyncio.TimeoutError:
+                            pass
+                        finally:
+                            self._filled = None
+                        continue  # look again: the oldest may have given up meanwhile, or the batch filled
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 batch = [j for j in batch if not j.future.done()]  # timed-out requests are not computed
                 if not batch:

@@ -71,6 +71,42 @@ def test_linger_waits_from_the_oldest_request_not_per_batch() -> None:
     assert calls[1][1] - t_release < 0.1  # the second did not linger again
 
 
+def test_linger_ends_when_the_batch_fills_and_ignores_requests_that_gave_up() -> None:
+    import time
+
+    from serving.recommend import MicroBatcher
+
+    calls: list[tuple[list[str], float]] = []
+
+    def fn(jobs):
+        calls.append(([j.user_id for j in jobs], time.monotonic()))
+        return [j.user_id for j in jobs]
+
+    async def scenario():
+        b = MicroBatcher(fn, max_batch=2, wait_ms=400)
+        t0 = time.monotonic()
+        first = [b.enqueue("a", 1, None)]
+        await asyncio.sleep(0.02)
+        first.append(b.enqueue("b", 1, None))  # fills the batch: it goes now, not at 400 ms
+        await asyncio.gather(*first)
+        b.close()
+        b2 = MicroBatcher(fn, max_batch=8, wait_ms=400)
+        t1 = time.monotonic()
+        gone = b2.enqueue("c", 1, None)
+        await asyncio.sleep(0.3)
+        late = b2.enqueue("d", 1, None)  # queued 300 ms after c; then c gives up
+        gone.cancel()
+        out = await late
+        b2.close()
+        return t0, t1, out
+
+    t0, t1, out = asyncio.run(scenario())
+    assert out == "d"
+    assert [c[0] for c in calls] == [["a", "b"], ["d"]]
+    assert calls[0][1] - t0 < 0.2  # full batch: no linger
+    assert calls[1][1] - t1 >= 0.3 + 0.35  # d waited its own linger, not c's remaining 100 ms
+
+
 def test_a_failing_batch_fails_each_waiter_not_the_worker() -> None:
     from serving.recommend import MicroBatcher
 
