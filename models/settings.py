@@ -43,7 +43,9 @@ class RankerSettings(Section):
     NDCG@10 (~2 standard errors)."""
 
     dense_arch: list[int] = Field(default_factory=lambda: [128, 64],
-                                  description="Bottom MLP over the dense features; its last size becomes the embedding dim.")
+                                  description="Bottom MLP over the dense features. Its last layer always outputs "
+                                              "training.embedding_dim (the interaction needs that width), so the "
+                                              "last size given here is replaced by it.")
     over_arch: list[int] = Field(default_factory=lambda: [128, 64, 1],
                                  description="Top MLP over the interactions; must end with 1 (the logit).")
 
@@ -52,8 +54,8 @@ class RankerSettings(Section):
     def _positive_layers(cls, sizes: list[int], info: ValidationInfo) -> list[int]:
         if not sizes or any(int(x) < 1 for x in sizes):
             raise ValueError(f"{info.field_name} must be a non-empty list of positive layer sizes, got {sizes}")
-        if info.field_name == "over_arch" and sizes[-1] != 1:
-            raise ValueError(f"over_arch must end with 1 (the logit), got {sizes}")
+        if info.field_name == "over_arch" and (len(sizes) < 2 or sizes[-1] != 1):
+            raise ValueError(f"over_arch must have a hidden layer and end with 1 (the logit), e.g. [128, 64, 1]; got {sizes}")
         return sizes
 
 

@@ -160,9 +160,10 @@ def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix
     return out_i, out_s
 
 
-#: gathered (history entry x neighbour) products per pass of :func:`_csr_rows_times`: bounds its
-#: temporaries (~40 bytes each) to ~80 MB when offline scoring hands it thousands of users at once;
-#: a serving micro-batch (tens of users x tens of items x hundreds of neighbours) is one pass
+#: gathered (history entry x neighbour) products per pass of :func:`_csr_rows_times`, and dense
+#: output cells per pass: bound its temporaries (~40 bytes per product, 12 per cell) to ~100 MB
+#: when offline scoring hands it thousands of users at once; a serving micro-batch (tens of users
+#: x tens of items x hundreds of neighbours) is one pass
 ROWS_TIMES_MAX_ENTRIES = 1 << 21
 
 
@@ -171,39 +172,44 @@ def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix, *,
     """Dense ``history @ weights`` (B x n_items, float32) for a batch of history rows, as one
     ``bincount`` over the gathered weight rows: scipy's sparse product (summed in float64 here, so
     equal up to float32 rounding) without its per-call overhead, which dominates at a request's
-    batch sizes. Rows go in groups of at most ``max_entries`` gathered products (a single row may
-    exceed it), so memory stays bounded for large offline batches."""
+    batch sizes. Rows go in groups of at most ``max_entries`` gathered products and
+    ``max_entries`` output cells (a single row may exceed them), so memory stays bounded for large
+    offline batches; the numbers do not depend on the grouping."""
     h = _as_csr(history)
     b, n = h.shape[0], weights.shape[1]
     starts = weights.indptr[h.indices].astype(np.int64)
     lengths = weights.indptr[h.indices + 1].astype(np.int64) - starts
+    indptr = np.asarray(h.indptr, dtype=np.int64)
     total = int(lengths.sum())
-    if total == 0:
-        return np.zeros((b, n), np.float32)
-    if total <= max_entries:
-        return _rows_times_pass(h, weights, starts, lengths, total)
+    max_rows = max(1, max_entries // max(n, 1))
+    if total <= max_entries and b <= max_rows:
+        return _rows_times_pass(np.diff(indptr), h.data, starts, lengths, total, weights)
     out = np.empty((b, n), np.float32)
     cum = np.concatenate(([0], np.cumsum(lengths)))
-    row_end = cum[h.indptr[1:]]  # gathered products up to the end of each row
+    row_end = cum[indptr[1:]]  # gathered products up to the end of each row
     r0 = 0
     while r0 < b:
-        e0 = h.indptr[r0]
-        r1 = max(int(np.searchsorted(row_end, cum[e0] + max_entries, side="right")), r0 + 1)
-        e1 = h.indptr[r1]
-        out[r0:r1] = _rows_times_pass(h[r0:r1], weights, starts[e0:e1], lengths[e0:e1], int(cum[e1] - cum[e0]))
+        e0 = indptr[r0]
+        r1 = int(np.searchsorted(row_end, cum[e0] + max_entries, side="right"))
+        r1 = min(max(r1, r0 + 1), r0 + max_rows, b)
+        e1 = indptr[r1]
+        out[r0:r1] = _rows_times_pass(np.diff(indptr[r0:r1 + 1]), h.data[e0:e1], starts[e0:e1], lengths[e0:e1],
+                                      int(cum[e1] - cum[e0]), weights)
         r0 = r1
     return out
 
 
-def _rows_times_pass(h: sp.csr_matrix, weights: sp.csr_matrix, starts: np.ndarray, lengths: np.ndarray,
-                     total: int) -> np.ndarray:
-    b, n = h.shape[0], weights.shape[1]
+def _rows_times_pass(row_counts: np.ndarray, data: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                     total: int, weights: sp.csr_matrix) -> np.ndarray:
+    """One ``bincount`` pass of :func:`_csr_rows_times` over rows given as CSR pieces (entries per
+    row, their values, and where each entry's weight row starts / how long it is)."""
+    b, n = len(row_counts), weights.shape[1]
     if total == 0:
         return np.zeros((b, n), np.float32)
-    req = np.repeat(np.arange(b, dtype=np.int64), np.diff(h.indptr))
+    req = np.repeat(np.arange(b, dtype=np.int64), row_counts)
     offs = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
     keys = np.repeat(req * n, lengths) + weights.indices[offs].astype(np.int64)
-    vals = weights.data[offs].astype(np.float64) * np.repeat(h.data.astype(np.float64), lengths)
+    vals = weights.data[offs].astype(np.float64) * np.repeat(np.asarray(data, dtype=np.float64), lengths)
     return np.bincount(keys, weights=vals, minlength=b * n).reshape(b, n).astype(np.float32)
 
 

@@ -263,6 +263,10 @@ class TwoTowerPlusRanker:
         params = dict(params or {})
         self._tt_params = {"seed": seed, **_neural_params("two_tower", settings, params.pop("two_tower", None))}
         self._ts_params = {"seed": seed, **_neural_params("two_stage", settings, params)}
+        # the ranker's layer sizes come from the configuration, as in training (overrides win)
+        sizes = settings.training.ranker
+        self._ts_params["dlrm_params"] = {"dense_arch": tuple(sizes.dense_arch), "over_arch": tuple(sizes.over_arch),
+                                          **dict(self._ts_params.get("dlrm_params") or {})}
         self._prepared = prepared
         self.model: Any = None
         self.params: dict[str, Any] = {}

@@ -81,7 +81,30 @@ def test_ranker_layer_sizes_reach_the_trainer_and_bad_ones_are_named(tmp_path: P
                                               "RECSYS_TRAINING__RANKER__DENSE_ARCH": "[32, 16]"})
     params = ranker_params(s)
     assert params["over_arch"] == (64, 32, 1) and params["dense_arch"] == (32, 16)
-    with pytest.raises(ConfigError, match="training.ranker.over_arch.*end with 1"):
-        load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__OVER_ARCH": "[64, 32]"})
+    for bad in ("[64, 32]", "[1]"):  # no logit; no hidden layer (TorchRec's OverArch needs one)
+        with pytest.raises(ConfigError, match="training.ranker.over_arch.*end with 1"):
+            load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__OVER_ARCH": bad})
     with pytest.raises(ConfigError, match="training.ranker.dense_arch"):
         load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__DENSE_ARCH": "[]"})
+
+
+def test_ranker_layer_defaults_agree_and_evaluation_uses_the_configured_sizes(tmp_path: Path) -> None:
+    """One default for the ranker's layers (settings, the model config, the artifact schema and
+    ``train_dlrm``), and offline evaluation trains the configured sizes, not a library default."""
+    import dataclasses
+    import inspect
+
+    from models.dlrm import DLRMConfig, _artifact_config_cls, train_dlrm
+    from models.settings import RankerSettings
+    from pipelines.evaluate import TwoTowerPlusRanker
+
+    want = tuple(RankerSettings().over_arch)
+    fields = {f.name: f.default for f in dataclasses.fields(DLRMConfig)}
+    assert fields["over_arch"] == want
+    assert tuple(inspect.signature(train_dlrm).parameters["over_arch"].default) == want
+    assert tuple(_artifact_config_cls().model_fields["over_arch"].default) == want
+    s = load_settings(root=tmp_path, environ={"RECSYS_TRAINING__RANKER__OVER_ARCH": "[16, 1]"})
+    model = TwoTowerPlusRanker(settings=s, prepared=None, params={"two_tower": {}})  # type: ignore[arg-type]
+    assert model._ts_params["dlrm_params"]["over_arch"] == (16, 1)
+    model = TwoTowerPlusRanker(settings=s, prepared=None, params={"dlrm_params": {"over_arch": (8, 1)}})  # type: ignore[arg-type]
+    assert model._ts_params["dlrm_params"]["over_arch"] == (8, 1)  # an explicit override wins

@@ -400,8 +400,26 @@ def test_numpy_kernels_match_scipy():
     np.testing.assert_allclose(_csr_rows_times(h, w), (h @ w).toarray(), rtol=1e-5, atol=1e-6)
     assert _csr_rows_times(sp.csr_matrix((2, 60), dtype=np.float32), w).shape == (2, 60)
     # large offline batches go in row groups of bounded size (a row bigger than the bound alone): same numbers
-    for bound in (1, 7, 25):
-        np.testing.assert_array_equal(_csr_rows_times(h, w, max_entries=bound), _csr_rows_times(h, w))
+    import models.two_stage as ts
+
+    narrow = sp.random(60, 12, density=0.3, random_state=4, format="csr", dtype=np.float32)  # 12 output cells per row
+    groups: list[int] = []
+    real_pass = ts._rows_times_pass
+
+    def recording_pass(row_counts, *args):
+        groups.append(len(row_counts))
+        return real_pass(row_counts, *args)
+
+    ts._rows_times_pass = recording_pass
+    try:
+        for weights in (w, narrow):
+            whole = _csr_rows_times(h, weights)
+            for bound in (1, 7, 25, 40, 60, 120):
+                np.testing.assert_array_equal(_csr_rows_times(h, weights, max_entries=bound), whole)
+            np.testing.assert_allclose(_csr_rows_times(h, weights, max_entries=40), (h @ weights).toarray(), rtol=1e-5, atol=1e-6)
+    finally:
+        ts._rows_times_pass = real_pass
+    assert 1 in groups and max(groups) > 1 and 5 in groups  # one-row groups, multi-row groups, and single passes ran
     items = np.stack([rng.permutation(60)[:20] for _ in range(5)]).astype(np.int64)
     items[1, 3] = -1
     scores = -np.sort(-rng.random((5, 20)).astype(np.float32), axis=1)
