@@ -59,7 +59,7 @@ class DLRMConfig:
     extra_dense: tuple[str, ...] = ()
     embedding_dim: int = 64
     dense_arch: tuple[int, ...] = (128, 64)
-    over_arch: tuple[int, ...] = (128, 64, 1)  # benchmarks/ranker_arch.py: as good as (256, 128, 1), ~3x cheaper to serve
+    over_arch: tuple[int, ...] = (128, 64, 1)  # benchmarks/ranker_arch.py: no significant loss vs (256, 128, 1), 1.8-2.8x cheaper
     history_len: int = 50
 
     def __post_init__(self) -> None:

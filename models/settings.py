@@ -37,10 +37,10 @@ class TwoTowerSettings(Section):
 class RankerSettings(Section):
     """DLRM ranker layer sizes (see ``models.dlrm.DLRMConfig``). The over arch's MLP is most of the
     serving CPU a recommendation costs (it scores every candidate of every request), so its size
-    is a latency/quality trade-off measured by ``benchmarks/ranker_arch.py`` (ML-100K, 10 seeds,
-    paired): ``(128, 64, 1)`` ranks as well as the earlier ``(256, 128, 1)`` (every difference within
-    one standard error) for ~1/3 of the over arch's time per request; ``(64, 32, 1)`` lost ~0.002
-    NDCG@10 (~2 standard errors)."""
+    is a latency/quality trade-off measured by ``benchmarks/ranker_arch.py`` (ML-100K, 10 ranker
+    seeds, paired): ``(128, 64, 1)`` shows no significant difference from the earlier
+    ``(256, 128, 1)`` (each metric within ~1 standard error, means slightly lower) for 1.8-2.8x less
+    over-arch time per request; ``(64, 32, 1)`` lost ~0.002 NDCG@10 (~2-3 standard errors)."""
 
     dense_arch: list[int] = Field(default_factory=lambda: [128, 64],
                                   description="Bottom MLP over the dense features. Its last layer always outputs "
