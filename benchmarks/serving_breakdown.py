@@ -64,6 +64,16 @@ def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: i
     scores = p.rank(uidx, cands)
     row["candidates"] = len(cands)
     row["ranking_ms"] = round(_time(lambda: p.rank(uidx, cands), rounds), 3)
+    # the ranker's two MLPs alone on this batch's row count (the rest of ranking assembles their inputs)
+    import torch
+
+    ranker = p.ranker
+    over = ranker._over_mlp_grouped or ranker._over_mlp  # noqa: SLF001 - the MLPs the request path runs
+    with torch.inference_mode():
+        x_dense = torch.randn(len(cands), ranker._dense_mlp.in_features)  # noqa: SLF001
+        x_over = torch.randn(len(cands), over.in_features)
+        row["dense_mlp_ms"] = round(_time(lambda: ranker._dense_mlp(x_dense), rounds), 3)  # noqa: SLF001
+        row["over_mlp_ms"] = round(_time(lambda: over(x_over), rounds), 3)
     row["diversity_ms"] = round(_time(lambda: p.post_process(len(uidx), cands, scores, 20, p.max_category_share), rounds), 3)
     row["total_ms"] = round(_time(lambda: engine.recommend(ids, k=20, histories=hist), rounds), 3)
     row["per_request_ms"] = round(row["total_ms"] / batch, 3)
@@ -126,7 +136,7 @@ def main() -> None:
 
 def render_md(r: dict) -> str:
     cols = ["batch", "candidates"] + [k for k in r["rows"][0] if k.startswith("source_")] + \
-        ["merge_ms", "filter_ms", "ranking_ms", "diversity_ms", "total_ms", "per_request_ms"]
+        ["merge_ms", "filter_ms", "ranking_ms", "dense_mlp_ms", "over_mlp_ms", "diversity_ms", "total_ms", "per_request_ms"]
     lines = ["# Serving engine breakdown (in-process, one thread, median ms per micro-batch)", "",
              f"Measured {r['measured']['at']} (load average {r['measured']['load_avg']}); setup {r['setup']}.", "",
              "| " + " | ".join(c.replace("_ms", "").replace("source_", "src ") for c in cols) + " |",
@@ -135,7 +145,8 @@ def render_md(r: dict) -> str:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
     lines += ["", f"Least-squares fit of the totals: **{r['fixed_ms_per_batch']} ms per batch + "
               f"{r['ms_per_request']} ms per request**. Sources and merge make up retrieval; "
-              "`Engine.recommend` adds id mapping and history rows."]
+              "`Engine.recommend` adds id mapping and history rows. `dense mlp` / `over mlp`: the ranker's two "
+              "MLPs alone on the batch's candidate rows (part of `ranking`)."]
     return "\n".join(lines) + "\n"
 
 
