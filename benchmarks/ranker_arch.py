@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from benchmarks.timing import median_ms  # noqa: E402 - after the path set-up
 SHARED_DATA = ROOT.parent / "shared" / "data"  # read-only MovieLens beside the repo
 
 BASELINE = (256, 128, 1)  # the over arch before this study; differences are reported against it
@@ -189,18 +191,6 @@ def paired_vs_baseline(rows: list[dict[str, Any]], archs: Sequence[tuple[int, ..
 
 
 # ---- serving cost ------------------------------------------------------------------------------
-def _median_ms(fn, rounds: int) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    samples.sort()
-    return samples[len(samples) // 2]
-
-
 def mlp_cost(arch: Sequence[int], *, in_width: int = SERVED_WIDTH, precision: str = "auto",
              rows: Sequence[int] = (500, 8000), rounds: int = 400, seed: int = 0) -> dict[str, Any]:
     """Median ms of the over arch as ``LinearStack`` (ReLU after all but the last layer) per call."""
@@ -218,7 +208,7 @@ def mlp_cost(arch: Sequence[int], *, in_width: int = SERVED_WIDTH, precision: st
     with torch.inference_mode():
         for n in rows:
             x = torch.randn(n, in_width)
-            ms = _median_ms(lambda: stack(x), max(rounds * 500 // n, 30))
+            ms = median_ms(lambda: stack(x), max(rounds * 500 // n, 30), warmup=5)
             res[f"ms_{n}_rows"] = round(ms, 4)
             res[f"ms_per_request_{n}_rows"] = round(ms * 500 / n, 4)
     return res

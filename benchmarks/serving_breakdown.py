@@ -28,18 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-
-def _time(fn, rounds: int) -> float:
-    """Median of ``rounds`` timings in ms (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    samples.sort()
-    return samples[len(samples) // 2]
+from benchmarks.timing import median_ms  # noqa: E402 - after the path set-up
 
 
 def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: int = 0) -> dict:
@@ -54,16 +43,16 @@ def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: i
     src_total = 0.0
     for source in p.sources:
         q = int(p.quotas[source.name])
-        ms = _time(lambda: source.retrieve(uidx, h, q, exclude=h), rounds)
+        ms = median_ms(lambda: source.retrieve(uidx, h, q, exclude=h), rounds)
         row[f"source_{source.name}_ms"] = round(ms, 3)
         src_total += ms
     cands = p.retrieve(uidx, h, exclude=h)
-    row["retrieve_ms"] = round(_time(lambda: p.retrieve(uidx, h, exclude=h), rounds), 3)
+    row["retrieve_ms"] = round(median_ms(lambda: p.retrieve(uidx, h, exclude=h), rounds), 3)
     row["merge_ms"] = round(max(row["retrieve_ms"] - src_total, 0.0), 3)
-    row["filter_ms"] = round(_time(lambda: p.filter(cands), rounds), 3)
+    row["filter_ms"] = round(median_ms(lambda: p.filter(cands), rounds), 3)
     scores = p.rank(uidx, cands)
     row["candidates"] = len(cands)
-    row["ranking_ms"] = round(_time(lambda: p.rank(uidx, cands), rounds), 3)
+    row["ranking_ms"] = round(median_ms(lambda: p.rank(uidx, cands), rounds), 3)
     # the ranker's two MLPs alone on this batch's row count (the rest of ranking assembles their inputs)
     import torch
 
@@ -72,10 +61,10 @@ def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: i
     with torch.inference_mode():
         x_dense = torch.randn(len(cands), ranker._dense_mlp.in_features)  # noqa: SLF001
         x_over = torch.randn(len(cands), over.in_features)
-        row["dense_mlp_ms"] = round(_time(lambda: ranker._dense_mlp(x_dense), rounds), 3)  # noqa: SLF001
-        row["over_mlp_ms"] = round(_time(lambda: over(x_over), rounds), 3)
-    row["diversity_ms"] = round(_time(lambda: p.post_process(len(uidx), cands, scores, 20, p.max_category_share), rounds), 3)
-    row["total_ms"] = round(_time(lambda: engine.recommend(ids, k=20, histories=hist), rounds), 3)
+        row["dense_mlp_ms"] = round(median_ms(lambda: ranker._dense_mlp(x_dense), rounds), 3)  # noqa: SLF001
+        row["over_mlp_ms"] = round(median_ms(lambda: over(x_over), rounds), 3)
+    row["diversity_ms"] = round(median_ms(lambda: p.post_process(len(uidx), cands, scores, 20, p.max_category_share), rounds), 3)
+    row["total_ms"] = round(median_ms(lambda: engine.recommend(ids, k=20, histories=hist), rounds), 3)
     row["per_request_ms"] = round(row["total_ms"] / batch, 3)
     return row
 
