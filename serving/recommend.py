@@ -16,7 +16,8 @@ new requests queue; the next batch takes them all (like group commit). Optionall
 (``serving.microbatch_wait_ms``, Triton's ``max_queue_delay``) a batch smaller than
 ``microbatch_max`` starts only once its oldest (still waiting) request has waited that long, or
 as soon as the queue fills a batch: requests that queued behind a running batch have already
-waited and go at once, a lone request on an idle model waits at most that long. Per-request Python is what the pipeline cannot amortise.
+waited and go at once, a lone request on an idle model waits at most that long. Per-request
+Python is what the pipeline cannot amortise.
 """
 from __future__ import annotations
 
