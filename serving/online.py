@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: the stored user features the request path uses (the recent items; the models hold everything
 #: else they need), as the feature contract declares them
 HISTORY = USER_HISTORY_COLUMNS
+#: the ``k`` a feature-read job carries on the shared MicroBatcher: a request's read (cache miss)
+#: or a refresh-ahead read (the entry is still fresh but is read again)
+MISS_READ, REFRESH_READ = 0, 1
 
 
 class FeaturesUnavailable(RuntimeError):
@@ -92,11 +95,11 @@ class OnlineFeatures:
     # ---- reads --------------------------------------------------------------------------------
     def _histories(self, jobs: list[Any]) -> list[Any]:
         """One pool hop and ONE store read for every request queued meanwhile (cache misses, and
-        refresh-ahead jobs: ``k == 1``, read even though their entry is still fresh); a failing read
-        becomes each request's exception (raised in its own task), not the batch's."""
+        ``REFRESH_READ`` jobs, read even though their entry is still fresh); a failing read becomes
+        each request's exception (raised in its own task), not the batch's."""
         try:
             feats = self.client.users_features([job.user_id for job in jobs], derived=False, columns=HISTORY,
-                                               refresh=any(job.k == 1 for job in jobs))
+                                               refresh=any(job.k == REFRESH_READ for job in jobs))
         except Exception as exc:  # noqa: BLE001 - returned, raised in each request's task
             return [exc] * len(jobs)
         return [[str(i) for i in (f.get("recent_items") or [])] for f in feats]
@@ -115,7 +118,7 @@ class OnlineFeatures:
         if cached is not None:  # fresh in this worker's cache: no store read, no thread hop
             self._refresh_ahead(user_id)
             return [str(i) for i in (cached.get("recent_items") or [])]
-        fut = self._reads().enqueue(user_id, 0, None)
+        fut = self._reads().enqueue(user_id, MISS_READ, None)
         async with asyncio.timeout(timeout_s):  # on expiry the awaited job future is cancelled: its batch skips it
             res = await fut
         if isinstance(res, Exception):  # the batch's read failed: a fresh error per request (one shared
@@ -143,7 +146,7 @@ class OnlineFeatures:
             return
         self._refreshing.add(user_id)
         self.refreshes += 1
-        self._reads().enqueue(user_id, 1, None).add_done_callback(lambda _: self._refreshing.discard(user_id))
+        self._reads().enqueue(user_id, REFRESH_READ, None).add_done_callback(lambda _: self._refreshing.discard(user_id))
 
     # ---- event updates ------------------------------------------------------------------------
     def _apply(self, records: list[dict[str, Any]]) -> None:
