@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
+from models.kernels import filter_ranked, item_item_top_n, merge_candidates, top_n_rows
 
 
 class TwoStageError(DataError):
@@ -54,19 +55,6 @@ def _as_csr(m: Any) -> sp.csr_matrix:
     """``m`` as CSR without a copy when it already is one (building a scipy matrix validates its
     arrays: ~10-20 us a call, several calls per source per request batch)."""
     return m if sp.isspmatrix_csr(m) else sp.csr_matrix(m)
-
-
-def _unique_inverse(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(keys, return_inverse=True)`` for non-negative keys below ``size``: by a presence
-    table (linear time) when ``size`` is small, by sorting otherwise. Same output either way."""
-    if size > 8 * len(keys) + 65_536:
-        return np.unique(keys, return_inverse=True)
-    present = np.zeros(size, bool)
-    present[keys] = True
-    uniq = np.flatnonzero(present)
-    slot = np.empty(size, np.int64)
-    slot[uniq] = np.arange(len(uniq))
-    return uniq, slot[keys]
 
 
 def _bits(n: int) -> int:
@@ -106,111 +94,30 @@ def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
 
 
-def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None, *,
-                 copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``n`` columns per row of a dense score block, best first; excluded / ``-inf`` -> item -1.
-    ``copy=False``: the caller's float32 block is overwritten (excluded entries set to ``-inf``)."""
-    s = np.array(scores, dtype=np.float32, copy=True) if copy or scores.dtype != np.float32 else scores
-    if exclude is not None and exclude.nnz:
-        exclude = _as_csr(exclude)
-        hit = exclude.data > 0  # stored zeros exclude nothing
-        s[np.repeat(np.arange(exclude.shape[0]), np.diff(exclude.indptr))[hit], exclude.indices[hit]] = -np.inf
-    n = min(n, s.shape[1])
-    if n <= 0:
-        return np.full((s.shape[0], 0), -1, np.int64), np.zeros((s.shape[0], 0), np.float32)
-    part = np.argpartition(-s, n - 1, axis=1)[:, :n] if n < s.shape[1] else np.tile(np.arange(s.shape[1]), (s.shape[0], 1))
-    rows = np.arange(s.shape[0])[:, None]  # plain fancy indexing: take_along_axis costs ~5x more per call here
-    ps = s[rows, part]
-    order = np.argsort(-ps, axis=1, kind="stable")
-    items = part[rows, order].astype(np.int64)
-    sc = ps[rows, order]
-    bad = ~np.isfinite(sc)
-    items[bad] = -1
-    sc[bad] = 0.0
-    return items, sc
+#: "no exclusions" as CSR arrays for the kernels (a one-entry ``indptr``: no row has entries)
+_NO_ROWS = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def _excluded(items: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:
-    """``(B, L)`` bool: is ``items[r, c]`` a stored entry of row ``r`` of ``exclude``? (``-1`` never is.)
-    Keys ``row * n_items + item`` looked up with numpy's table-based ``isin``: no scipy indexing,
-    whose per-call validation costs more than the lookup at a request's sizes."""
-    if exclude is None or not exclude.nnz or items.size == 0:
-        return np.zeros(items.shape, bool)
-    exclude = _as_csr(exclude)
-    n = exclude.shape[1]
-    ex_rows = np.repeat(np.arange(exclude.shape[0], dtype=np.int64), np.diff(exclude.indptr))
-    ex_keys = (ex_rows * n + exclude.indices.astype(np.int64))[exclude.data > 0]  # stored zeros exclude nothing
-    keys = np.arange(items.shape[0], dtype=np.int64)[:, None] * n + items
-    # a lookup table over the key range is fastest while that range is small; past it, let numpy sort
-    kind = "table" if exclude.shape[0] * n <= 8 * (keys.size + len(ex_keys)) + 1_048_576 else None
-    return (items >= 0) & np.isin(keys, ex_keys, kind=kind)
+def _exclusion(exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``exclude``'s CSR arrays (``indptr, indices, data``) for :mod:`models.kernels`."""
+    if exclude is None or not exclude.nnz:
+        return _NO_ROWS
+    e = _as_csr(exclude)
+    return e.indptr, e.indices, e.data
+
+
+def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``n`` columns per row of a dense score block, best first (ties by column); excluded,
+    non-finite and missing entries -> item -1, score 0 (:func:`models.kernels.top_n_rows`)."""
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    return top_n_rows(s.reshape(s.shape[0], -1), int(n), *_exclusion(exclude))
 
 
 def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Drop excluded items from ranked lists (B, L) and compact each row to its first ``n``, in order."""
-    items = np.where(_excluded(items, exclude), -1, items)
-    keep = items >= 0
-    slot = np.cumsum(keep, axis=1) - 1  # position of each kept entry in its compacted row
-    take = keep & (slot < n)
-    rows, cols = np.nonzero(take)
-    out_i = np.full((items.shape[0], n), -1, np.int64)
-    out_s = np.zeros((items.shape[0], n), np.float32)
-    out_i[rows, slot[rows, cols]] = items[rows, cols]
-    out_s[rows, slot[rows, cols]] = scores[rows, cols]
-    return out_i, out_s
-
-
-#: gathered (history entry x neighbour) products per pass of :func:`_csr_rows_times`, and dense
-#: output cells per pass: bound its temporaries (~40 bytes per product, 12 per cell) to ~100 MB
-#: when offline scoring hands it thousands of users at once; a serving micro-batch (tens of users
-#: x tens of items x hundreds of neighbours) is one pass
-ROWS_TIMES_MAX_ENTRIES = 1 << 21
-
-
-def _csr_rows_times(history: sp.csr_matrix, weights: sp.csr_matrix, *,
-                    max_entries: int = ROWS_TIMES_MAX_ENTRIES) -> np.ndarray:
-    """Dense ``history @ weights`` (B x n_items, float32) for a batch of history rows, as one
-    ``bincount`` over the gathered weight rows: scipy's sparse product (summed in float64 here, so
-    equal up to float32 rounding) without its per-call overhead, which dominates at a request's
-    batch sizes. Rows go in groups of at most ``max_entries`` gathered products and
-    ``max_entries`` output cells (a single row may exceed them), so memory stays bounded for large
-    offline batches; the numbers do not depend on the grouping."""
-    h = _as_csr(history)
-    b, n = h.shape[0], weights.shape[1]
-    starts = weights.indptr[h.indices].astype(np.int64)
-    lengths = weights.indptr[h.indices + 1].astype(np.int64) - starts
-    indptr = np.asarray(h.indptr, dtype=np.int64)
-    total = int(lengths.sum())
-    max_rows = max(1, max_entries // max(n, 1))
-    if total <= max_entries and b <= max_rows:
-        return _rows_times_pass(np.diff(indptr), h.data, starts, lengths, total, weights)
-    out = np.empty((b, n), np.float32)
-    cum = np.concatenate(([0], np.cumsum(lengths)))
-    row_end = cum[indptr[1:]]  # gathered products up to the end of each row
-    r0 = 0
-    while r0 < b:
-        e0 = indptr[r0]
-        r1 = int(np.searchsorted(row_end, cum[e0] + max_entries, side="right"))
-        r1 = min(max(r1, r0 + 1), r0 + max_rows, b)
-        e1 = indptr[r1]
-        out[r0:r1] = _rows_times_pass(np.diff(indptr[r0:r1 + 1]), h.data[e0:e1], starts[e0:e1], lengths[e0:e1],
-                                      int(cum[e1] - cum[e0]), weights)
-        r0 = r1
-    return out
-
-
-def _rows_times_pass(row_counts: np.ndarray, data: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                     total: int, weights: sp.csr_matrix) -> np.ndarray:
-    """One ``bincount`` pass of :func:`_csr_rows_times` over rows given as CSR pieces (entries per
-    row, their values, and where each entry's weight row starts / how long it is)."""
-    b, n = len(row_counts), weights.shape[1]
-    if total == 0:
-        return np.zeros((b, n), np.float32)
-    req = np.repeat(np.arange(b, dtype=np.int64), row_counts)
-    offs = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
-    keys = np.repeat(req * n, lengths) + weights.indices[offs].astype(np.int64)
-    vals = weights.data[offs].astype(np.float64) * np.repeat(np.asarray(data, dtype=np.float64), lengths)
-    return np.bincount(keys, weights=vals, minlength=b * n).reshape(b, n).astype(np.float32)
+    items = np.ascontiguousarray(items, dtype=np.int64)
+    width = exclude.shape[1] if exclude is not None else int(items.max(initial=-1)) + 1
+    return filter_ranked(items, np.ascontiguousarray(scores, dtype=np.float32), int(n), int(width), *_exclusion(exclude))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,9 +214,9 @@ class ItemItemSource:
 
     def retrieve(self, user_idx, history, n, *, exclude=None):
         assert self.sim is not None, "fit() first"
-        scores = _csr_rows_times(history, self.sim)
-        scores[scores <= 0] = -np.inf
-        return _top_n_dense(scores, n, exclude, copy=False)  # our own array
+        h, w = _as_csr(history), self.sim
+        return item_item_top_n(h.indptr, h.indices, h.data, w.indptr, w.indices, w.data, w.shape[1], int(n),
+                               *_exclusion(exclude))
 
 
 class CoVisitationSource(ItemItemSource):
@@ -519,7 +426,7 @@ class EmbeddingSource:
         heap-based flat search at the hundreds of results a request asks for); ANN indexes go
         through FAISS."""
         if self.exact:
-            rows, scores = _top_n_dense(self._all_scores(queries), depth, None, copy=False)
+            rows, scores = _top_n_dense(self._all_scores(queries), depth, None)
             return scores, rows
         return self.index.search(queries, depth)
 
@@ -538,7 +445,7 @@ class EmbeddingSource:
                 dense[:, cols] = scores[:, rows]
                 scores = dense
             scores[~signal] = -np.inf
-            return _top_n_dense(scores, n, exclude, copy=False)
+            return _top_n_dense(scores, n, exclude)
         extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
         depth = min(self.index.ntotal, n + extra + self._unmapped)
         if depth <= 0:
@@ -676,11 +583,8 @@ class TwoStagePipeline:
         """Merged, de-duplicated candidates with per-source rank/score features.
 
         Rows come out grouped by request, each request's best first (by best per-source rank
-        fraction, ties by item index), at most ``n_candidates`` per request. Every source's
-        ``(B, q)`` block is merged at once: one de-duplication of ``request * n_items + item``
-        keys, features scattered by source column, and the order from one sort of unique
-        integer keys (no stable sort, no ``ufunc.at`` on the ``bitwise_or``)."""
-        b = len(user_idx)
+        fraction, ties by item index), at most ``n_candidates`` per request. The sources' ``(B, q)``
+        blocks go side by side into one compiled pass (:func:`models.kernels.merge_candidates`)."""
         n_items = self.n_items
         n_s = len(self.sources)
         blocks_i, blocks_s, col_src, col_rf = [], [], [], []
@@ -698,34 +602,11 @@ class TwoStagePipeline:
         if not blocks_i:
             raise TwoStageError("every candidate source has quota 0")
         items = np.concatenate(blocks_i, axis=1) if len(blocks_i) > 1 else blocks_i[0]
-        ok = items >= 0
-        keys = (items + (np.arange(b, dtype=np.int64) * n_items)[:, None])[ok]
-        width = items.shape[1]
-        src_a = np.broadcast_to(np.concatenate(col_src), (b, width))[ok]
-        rf = np.broadcast_to(np.concatenate(col_rf), (b, width))[ok]
-        sc = (np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0])[ok]
-        uniq, inv = _unique_inverse(keys, b * n_items)
-        m = len(uniq)
-        n_f = 2 * n_s + 1
-        feats = np.zeros((m, n_f), np.float32)
-        flat = feats.reshape(-1)
-        slot = inv * n_f + 2 * src_a
-        flat[slot] = sc
-        flat[slot + 1] = rf
-        best = np.zeros(m, np.float32)
-        np.maximum.at(best, inv, rf)
-        present = np.zeros((m, n_s), bool)  # which sources produced each candidate (a repeat is still one)
-        present[inv, src_a] = True
-        mask = present.astype(np.int64) @ np.left_shift(1, np.arange(n_s, dtype=np.int64))
-        feats[:, -1] = present.sum(axis=1)
-        request = uniq // n_items
-        # order: request, then best (desc), then item (``uniq`` is sorted by (request, item))
-        order = _lex_order((request, _bits(b)), (_desc_key(best), 32))
-        req_o = request[order]
-        counts = np.bincount(req_o, minlength=b)
-        pos = np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts)
-        take = order[pos < self.n_candidates]
-        return Candidates(request[take], uniq[take] - request[take] * n_items, feats[take], mask[take], self.feature_names)
+        sc = np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0]
+        request, item, feats, mask = merge_candidates(np.ascontiguousarray(items), np.ascontiguousarray(sc),
+                                                      np.concatenate(col_src), np.concatenate(col_rf), n_s, n_items,
+                                                      int(self.n_candidates))
+        return Candidates(request, item, feats, mask, self.feature_names)
 
     def filter(self, cands: Candidates, *, blocked: Sequence[Sequence[int]] | None = None) -> Candidates:
         """Drop unavailable items and each request's blocked items."""

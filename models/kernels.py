@@ -1,0 +1,260 @@
+"""Compiled (numba) loops for the two-stage pipeline's per-batch bookkeeping.
+
+Why this exists: a serving micro-batch is small (one to a few dozen requests, ~500 candidates
+each), and at that size the vectorised numpy/torch code of the request path was dominated by
+the cost of *calling* its ~1,000 small array operations (each allocates, dispatches and walks
+its temporaries once), not by arithmetic: ~1.8 ms of fixed cost per micro-batch against
+~0.3 ms per request (``benchmarks/results/serving_breakdown.md``). Each function here does one
+of those multi-pass steps -- merging the candidate sources, selecting a top ``n``, pooling
+embedding bags, assembling the ranker's inputs -- as one pass of compiled code over the data,
+with the GIL released (``nogil``), so the event loop keeps running while the model thread works.
+
+The matrix products stay where they are fast (oneDNN / MKL through torch, FAISS); only the
+glue between them moved here. Every kernel has the same contract as the numpy code it replaced,
+and the tests check them against plain references (``tests/test_two_stage.py``,
+``tests/test_dlrm.py``, ``tests/test_kernels.py``). Compiled code is cached next to this module
+(``cache=True``): the first import on a machine compiles (a few seconds), later ones load.
+
+Ordering conventions shared by the kernels: scores are ranked as float32, best first, NaN
+last, ties by ascending item index (deterministic, unlike ``argpartition``'s order).
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_JIT = {"cache": True, "nogil": True}
+
+
+@nb.njit(**_JIT)
+def _item_bits(n_items: int) -> int:
+    bits = 1
+    while (np.int64(1) << bits) < n_items:
+        bits += 1
+    return bits
+
+
+@nb.njit(**_JIT)
+def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, out: np.ndarray) -> None:
+    """``out[j]``: an int64 whose ascending order is ``values[j]`` descending (NaN last), then
+    ``items[j]`` ascending -- the float32's bits made order-preserving, flipped, and the item
+    index packed below them (``models.two_stage._desc_key``'s order)."""
+    bits = values[:count].view(np.int32)
+    for j in range(count):
+        b = np.int64(bits[j])
+        if values[j] != values[j]:  # NaN
+            key = np.int64(0xFFFFFFFF)
+        else:
+            if values[j] == 0.0:
+                b = 0  # -0.0 ranks with 0.0
+            ordered = (b ^ 0x7FFFFFFF if b < 0 else b) + (np.int64(1) << 31)
+            key = np.int64(0xFFFFFFFF) - ordered
+        out[j] = (key << ibits) | items[j]
+
+
+@nb.njit(**_JIT)
+def _smallest_sorted(keys: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` smallest of ``keys`` (distinct), ascending."""
+    if n < len(keys):
+        keys = np.partition(keys, n - 1)[:n]
+    return np.sort(keys)
+
+
+@nb.njit(**_JIT)
+def merge_candidates(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, col_rf: np.ndarray,
+                     n_sources: int, n_items: int, n_candidates: int):
+    """The candidate merge of :meth:`models.two_stage.TwoStagePipeline.retrieve`.
+
+    ``items`` / ``scores`` ``(B, W)``: every source's ranked block side by side (``-1`` = none);
+    ``col_src`` / ``col_rf`` ``(W,)``: the source and rank fraction of each column. Per request: the
+    union of the items; per (item, source) the score and rank fraction (an item a source repeats
+    keeps its last entry); the source bitmask and count; the ``n_candidates`` best by best rank
+    fraction, ties by item. Returns ``(request, item, features (M, 2 * n_sources + 1), mask)``,
+    grouped by request in batch order.
+
+    De-duplication is a sparse set over the catalog (valid when ``dense[sparse[i]] == i``), so its
+    table needs no initialisation: the cost is per entry, not per catalog item."""
+    b, w = items.shape
+    n_f = 2 * n_sources + 1
+    cap = min(w, n_candidates)
+    out_req = np.empty(b * cap, np.int64)
+    out_item = np.empty(b * cap, np.int64)
+    out_feat = np.empty((b * cap, n_f), np.float32)
+    out_mask = np.empty(b * cap, np.int64)
+    sparse = np.empty(max(n_items, 1), np.int64)
+    dense = np.empty(w, np.int64)
+    feat = np.empty((w, n_f), np.float32)
+    best = np.empty(w, np.float32)
+    mask = np.empty(w, np.int64)
+    keys = np.empty(w, np.int64)
+    ibits = _item_bits(n_items)
+    low = (np.int64(1) << ibits) - 1
+    m = 0
+    for r in range(b):
+        count = 0
+        for c in range(w):
+            it = items[r, c]
+            if it < 0:
+                continue
+            v = sparse[it]
+            if v < 0 or v >= count or dense[v] != it:
+                v = count
+                sparse[it] = v
+                dense[v] = it
+                feat[v, :] = 0.0
+                best[v] = 0.0
+                mask[v] = 0
+                count += 1
+            s = col_src[c]
+            feat[v, 2 * s] = scores[r, c]
+            feat[v, 2 * s + 1] = col_rf[c]
+            if col_rf[c] > best[v]:
+                best[v] = col_rf[c]
+            mask[v] |= np.int64(1) << s
+        if count == 0:
+            continue
+        _desc_keys(best, dense, count, ibits, keys)
+        ranked = _smallest_sorted(keys[:count], min(count, n_candidates))
+        for j in range(len(ranked)):
+            it = ranked[j] & low
+            v = sparse[it]
+            out_req[m] = r
+            out_item[m] = it
+            out_feat[m, :] = feat[v, :]
+            mk = mask[v]
+            out_mask[m] = mk
+            n_set = 0
+            while mk:
+                n_set += mk & 1
+                mk >>= 1
+            out_feat[m, n_f - 1] = n_set
+            m += 1
+    return out_req[:m], out_item[:m], out_feat[:m], out_mask[:m]
+
+
+@nb.njit(**_JIT)
+def _mark_row(stamp: np.ndarray, tag: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, r: int) -> None:
+    """``stamp[i] = tag`` for the items stored in row ``r`` of a CSR matrix with a positive value
+    (a stored zero excludes nothing)."""
+    if r + 1 < len(indptr):
+        for e in range(indptr[r], indptr[r + 1]):
+            if data[e] > 0:
+                stamp[indices[e]] = tag
+
+
+@nb.njit(**_JIT)
+def _emit_top(values: np.ndarray, items: np.ndarray, count: int, n: int, ibits: int, keys: np.ndarray,
+              score_of: np.ndarray, out_items: np.ndarray, out_scores: np.ndarray, r: int) -> None:
+    """Row ``r`` of the outputs: the ``n`` best of ``count`` (value, item) pairs, best first;
+    ``score_of[item]`` gives each winner's score back."""
+    if count == 0:
+        return
+    _desc_keys(values, items, count, ibits, keys)
+    ranked = _smallest_sorted(keys[:count], min(n, count))
+    low = (np.int64(1) << ibits) - 1
+    for j in range(len(ranked)):
+        it = ranked[j] & low
+        out_items[r, j] = it
+        out_scores[r, j] = score_of[it]
+
+
+@nb.njit(**_JIT)
+def top_n_rows(scores: np.ndarray, n: int, ex_indptr: np.ndarray, ex_indices: np.ndarray, ex_data: np.ndarray):
+    """Top ``n`` columns of each row of a dense ``(B, N)`` float32 score block, best first; entries
+    that are not finite or are stored in the row's ``exclude`` CSR row are never returned. Returns
+    ``(items (B, n) int64, scores (B, n) float32)``, padded with ``-1`` / ``0``."""
+    b, width = scores.shape
+    n = max(min(n, width), 0)
+    out_items = np.full((b, n), -1, np.int64)
+    out_scores = np.zeros((b, n), np.float32)
+    stamp = np.zeros(max(width, 1), np.int64)
+    values = np.empty(width, np.float32)
+    items = np.empty(width, np.int64)
+    keys = np.empty(width, np.int64)
+    ibits = _item_bits(width)
+    for r in range(b):
+        _mark_row(stamp, r + 1, ex_indptr, ex_indices, ex_data, r)
+        row = scores[r]
+        count = 0
+        for i in range(width):
+            v = row[i]
+            if stamp[i] != r + 1 and np.isfinite(v):
+                values[count] = v
+                items[count] = i
+                count += 1
+        _emit_top(values, items, count, n, ibits, keys, row, out_items, out_scores, r)
+    return out_items, out_scores
+
+
+@nb.njit(**_JIT)
+def item_item_top_n(h_indptr: np.ndarray, h_indices: np.ndarray, h_data: np.ndarray, w_indptr: np.ndarray,
+                    w_indices: np.ndarray, w_data: np.ndarray, n_items: int, n: int, ex_indptr: np.ndarray,
+                    ex_indices: np.ndarray, ex_data: np.ndarray):
+    """Top ``n`` items of ``history @ W`` per history row, for a sparse item-to-item ``W``: each
+    row's sum over its history entries of ``value * W[entry's item]`` (in float64, in entry order,
+    as a ``bincount`` would; ranked as float32), items with a non-positive score or stored in the
+    row's ``exclude`` row dropped. Only the items a row touches are visited (no dense row over the
+    catalog per request). Returns ``(items (B, n) int64, scores (B, n) float32)``, ``-1`` / ``0`` padded."""
+    b = len(h_indptr) - 1
+    n = max(min(n, n_items), 0)
+    out_items = np.full((b, n), -1, np.int64)
+    out_scores = np.zeros((b, n), np.float32)
+    size = max(n_items, 1)
+    acc = np.zeros(size, np.float64)
+    touched_at = np.zeros(size, np.int64)
+    excluded_at = np.zeros(size, np.int64)
+    score_of = np.zeros(size, np.float32)
+    touched = np.empty(size, np.int64)
+    values = np.empty(size, np.float32)
+    items = np.empty(size, np.int64)
+    keys = np.empty(size, np.int64)
+    ibits = _item_bits(n_items)
+    for r in range(b):
+        tag = r + 1
+        t = 0
+        for e in range(h_indptr[r], h_indptr[r + 1]):
+            x = np.float64(h_data[e])
+            j = h_indices[e]
+            for k in range(w_indptr[j], w_indptr[j + 1]):
+                it = w_indices[k]
+                if touched_at[it] != tag:
+                    touched_at[it] = tag
+                    acc[it] = 0.0
+                    touched[t] = it
+                    t += 1
+                acc[it] += np.float64(w_data[k]) * x
+        _mark_row(excluded_at, tag, ex_indptr, ex_indices, ex_data, r)
+        count = 0
+        for q in range(t):
+            it = touched[q]
+            v = np.float32(acc[it])
+            if v > 0 and excluded_at[it] != tag:
+                values[count] = v
+                items[count] = it
+                score_of[it] = v
+                count += 1
+        _emit_top(values, items, count, n, ibits, keys, score_of, out_items, out_scores, r)
+    return out_items, out_scores
+
+
+@nb.njit(**_JIT)
+def filter_ranked(items: np.ndarray, scores: np.ndarray, n: int, n_items: int, ex_indptr: np.ndarray,
+                  ex_indices: np.ndarray, ex_data: np.ndarray):
+    """Ranked lists ``(B, L)`` without ``-1`` entries and items stored in each row's ``exclude``
+    row, each compacted to its first ``n`` in order. Returns ``(items (B, n), scores (B, n))``."""
+    b, width = items.shape
+    out_items = np.full((b, n), -1, np.int64)
+    out_scores = np.zeros((b, n), np.float32)
+    stamp = np.zeros(max(n_items, 1), np.int64)
+    for r in range(b):
+        _mark_row(stamp, r + 1, ex_indptr, ex_indices, ex_data, r)
+        j = 0
+        for c in range(width):
+            if j >= n:
+                break
+            it = items[r, c]
+            if it >= 0 and (it >= n_items or stamp[it] != r + 1):
+                out_items[r, j] = it
+                out_scores[r, j] = scores[r, c]
+                j += 1
+    return out_items, out_scores

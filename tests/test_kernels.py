@@ -1,0 +1,60 @@
+"""The compiled request-path kernels (``models.kernels``) against plain references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from models.two_stage import _top_n_dense
+
+
+def _reference_top(row_scores: np.ndarray, n: int, banned: set[int]) -> list[tuple[int, float]]:
+    """Best ``n`` finite, allowed entries of one row: by float32 score descending, ties by item."""
+    ok = [(i, np.float32(v)) for i, v in enumerate(row_scores) if np.isfinite(v) and i not in banned]
+    return sorted(ok, key=lambda t: (-float(t[1]), t[0]))[:n]
+
+
+@pytest.mark.parametrize("n", [1, 5, 40, 80])
+def test_top_n_rows_ranks_finite_allowed_entries_ties_by_item(n):
+    rng = np.random.default_rng(n)
+    scores = rng.integers(0, 6, (4, 40)).astype(np.float32) / 4  # many ties
+    scores[0, 3] = np.nan
+    scores[1, :5] = [np.inf, -np.inf, -np.inf, np.nan, -0.0]
+    scores[2] = -np.inf  # nothing to return
+    exclude = sp.csr_matrix((np.array([1, 1, 0, 1], np.float32), ([0, 0, 1, 3], [7, 9, 11, 0])), shape=(4, 40))
+    items, got = _top_n_dense(scores, n, exclude)
+    assert items.shape == (4, min(n, 40)) and got.dtype == np.float32
+    for r in range(4):
+        banned = {int(i) for i, v in zip(exclude[r].indices, exclude[r].data) if v > 0}  # a stored 0 excludes nothing
+        want = _reference_top(scores[r], n, banned)
+        assert items[r, :len(want)].tolist() == [i for i, _ in want]
+        np.testing.assert_array_equal(got[r, :len(want)], [v for _, v in want])
+        assert (items[r, len(want):] == -1).all() and (got[r, len(want):] == 0).all()
+    assert _top_n_dense(scores, 0, None)[0].shape == (4, 0)
+
+
+def test_item_item_top_n_is_the_sparse_product_ranked():
+    """``history @ W`` summed in float64 (scipy's product), positive scores only, exclusions
+    dropped, best ``n`` by float32 score then item; history values weight the rows."""
+    from models.two_stage import CoVisitationSource
+
+    w = sp.random(60, 60, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    w.data -= 0.3  # some negative weights: items whose sum is not positive are no candidates
+    h = sp.random(6, 60, density=0.08, random_state=2, format="csr", dtype=np.float32)
+    h[4] = 0  # an empty history row
+    h.eliminate_zeros()
+    src = CoVisitationSource()
+    src.sim = w
+    exclude = h.copy()
+    exclude[5, 0] = 1.0
+    for n in (1, 7, 60):
+        items, scores = src.retrieve(np.arange(6), h, n, exclude=exclude)
+        dense = (h.astype(np.float64) @ w.astype(np.float64)).toarray().astype(np.float32)
+        for r in range(6):
+            row = np.where(dense[r] > 0, dense[r], -np.inf)
+            want = _reference_top(row, n, set(exclude[r].indices.tolist()))
+            assert items[r, :len(want)].tolist() == [i for i, _ in want]
+            np.testing.assert_allclose(scores[r, :len(want)], [v for _, v in want], rtol=1e-6)
+            assert (items[r, len(want):] == -1).all()
+        assert (items[4] == -1).all()
+    assert src.retrieve(np.arange(2), sp.csr_matrix((2, 60), dtype=np.float32), 5)[0].shape == (2, 5)
