@@ -33,6 +33,7 @@ import pandas as pd
 
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
+from models.kernels import grouped_interaction, ranker_dense_input, user_side_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -518,13 +519,20 @@ class DLRMScorer:
         self._weights = {name: bags[name].weight.detach() for name in ("t_user", "t_item", "t_cat")}
         self._item_cats_table: "torch.Tensor | None" = None
         self._item_side_table: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None
-        self._item_pair_table: "torch.Tensor | None" = None
+        self._item_side_np: tuple | None = None
         self._grouped_columns = self._grouped_layout()
         self.set_precision(precision)
         # normalised dense tables (the same float32 arithmetic as normalising per row, done once)
         n_u, n_i = len(USER_DENSE), len(ITEM_DENSE)
         self._user_dense_n = (features.user_dense - self.dense_mean[:n_u]) / self.dense_std[:n_u]
         self._item_dense_n = (features.item_dense - self.dense_mean[n_u:n_u + n_i]) / self.dense_std[n_u:n_u + n_i]
+        self._user_dense_n = np.ascontiguousarray(self._user_dense_n, dtype=np.float32)
+        self._item_dense_n = np.ascontiguousarray(self._item_dense_n, dtype=np.float32)
+        self._extra_mean = np.ascontiguousarray(self.dense_mean[n_u + n_i:])
+        self._extra_std = np.ascontiguousarray(self.dense_std[n_u + n_i:])
+        # the fp32 tables as numpy views for the compiled request-path kernels
+        self._user_table = self._weights["t_user"].numpy()
+        self._item_table = self._weights["t_item"].numpy()
         if quantize:
             self.quantize()
 
@@ -564,7 +572,6 @@ class DLRMScorer:
         self.quantized = True
         self._item_cats_table = None
         self._item_side_table = None
-        self._item_pair_table = None
         return self
 
     def _item_cats(self) -> "torch.Tensor":
@@ -583,9 +590,6 @@ class DLRMScorer:
     #: the request path's user-side (once per request) and item-side (once per item) vectors
     _USER_SIDE = ("user_id", "user_hist")
     _ITEM_SIDE = ("item_id", "item_cats")
-    #: the (user x item) dots come from one product of the batch's user vectors with the whole
-    #: item table while the catalog has at most this many items per scored row of a request
-    TABLE_PRODUCT_MAX_RATIO = 16
 
     def _grouped_layout(self) -> "list[int] | None":
         """Columns of the over arch's input in the request path's order: the dense output, then the
@@ -618,17 +622,6 @@ class DLRMScorer:
                 self._item_side_table = (ids, cats, (ids * cats).sum(dim=1))
         return self._item_side_table
 
-    def _item_pairs(self) -> "torch.Tensor":
-        """``(2 * (n_items + 1), D)``: the item id table, then the pooled category table (the
-        (user x item) table product's right-hand side; built only where the catalog is small
-        enough for that product to be used)."""
-        if self._item_pair_table is None:
-            import torch
-
-            ids, cats, _ = self._item_side()
-            self._item_pair_table = torch.cat([ids, cats])
-        return self._item_pair_table
-
     def _rows(self, table: str, idx: "torch.Tensor") -> "torch.Tensor":
         import torch
 
@@ -656,10 +649,10 @@ class DLRMScorer:
                request_of_row: np.ndarray | None = None, request_users: np.ndarray | None = None) -> np.ndarray:
         """Raw logits: TorchRec's DLRM forward (checked against it by :meth:`reference_logits`), laid
         out for serving. With ``request_users`` (one user per request) and ``request_of_row`` (the
-        request of each row), user-side embeddings are computed once per request and the
-        interaction dots where each is cheapest (:meth:`_interact_grouped`); item-side category bags
-        and the dense normalisation come from tables built once per model; the MLPs run in
-        :attr:`precision` through :class:`models.inference.LinearStack`."""
+        request of each row), user-side embeddings are computed once per request and the whole
+        interaction is one compiled pass (:func:`models.kernels.grouped_interaction`); item-side
+        category bags and the dense normalisation come from tables built once per model; the MLPs
+        run in :attr:`precision` through :class:`models.inference.LinearStack`."""
         import torch
 
         user_idx = np.asarray(user_idx, dtype=np.int64)
@@ -670,18 +663,18 @@ class DLRMScorer:
         if request_users is None:
             request_users, request_of_row = user_idx, None
         req_u = np.asarray(request_users, dtype=np.int64)
-        u_rows = np.where(user_idx < 0, feats.n_users, user_idx)
+        dense = ranker_dense_input(self._user_dense_n, self._item_dense_n, np.ascontiguousarray(extra),
+                                   self._extra_mean, self._extra_std, user_idx, item_idx, feats.n_users, feats.n_items)
         i_rows = np.where(item_idx < 0, feats.n_items, item_idx)
-        n_fixed = len(USER_DENSE) + len(ITEM_DENSE)
-        dense = np.concatenate([self._user_dense_n[u_rows], self._item_dense_n[i_rows],
-                                (extra - self.dense_mean[n_fixed:]) / self.dense_std[n_fixed:]], axis=1)
-        parts_u = feats.user_parts(req_u)
         with torch.inference_mode():
-            dense_emb = self._dense_mlp(torch.from_numpy(dense.astype(np.float32, copy=False)))
+            dense_emb = self._dense_mlp(torch.from_numpy(dense))
             if request_of_row is not None and self._over_mlp_grouped is not None:
-                x = self._interact_grouped(dense_emb, torch.from_numpy(i_rows), np.asarray(request_of_row, dtype=np.int64),
-                                           parts_u)
-                return self._over_mlp_grouped(x).squeeze(-1).numpy()
+                uid, uh = self._user_side(req_u)
+                ids, cats, item_dots = self._item_side_arrays()
+                x = grouped_interaction(dense_emb.numpy(), np.asarray(request_of_row, dtype=np.int64), i_rows, uid, uh,
+                                        ids, cats, item_dots)
+                return self._over_mlp_grouped(torch.from_numpy(x)).squeeze(-1).numpy()
+            parts_u = feats.user_parts(req_u)
             emb = {
                 "user_id": self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
                 "user_hist": self._bag_mean("t_item", *parts_u["user_hist"]),
@@ -694,35 +687,25 @@ class DLRMScorer:
                 emb["user_hist"] = emb["user_hist"][row_req]
             return self._over_mlp(self._interact(dense_emb, emb)).squeeze(-1).numpy()
 
-    def _interact_grouped(self, dense_emb: "torch.Tensor", item_rows: "torch.Tensor", row_req: np.ndarray,
-                          parts_u: dict[str, tuple[np.ndarray, np.ndarray]]) -> "torch.Tensor":
-        """The interaction arch on the request path, each dot where it is cheapest: (user x item)
-        from one product of the batch's user vectors with the item table (small catalogs; per row
-        otherwise), (item_id x item_cats) from the per-item table, (user_id x user_hist) once per
-        request, the dense output's dots per row. Gathers are ``index_select`` (torch's advanced
-        indexing costs ~5x more at these sizes). Columns in :meth:`_grouped_layout`'s order (the over
-        arch's first layer is permuted to match); every dot is TorchRec's up to float summation
-        order (checked against its forward)."""
+    def _user_side(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(user_id, user_hist)`` vectors of each request's user, ``(B, D)`` float32 each: one compiled
+        pass over the fp32 tables, or torch's dequantize + ``embedding_bag`` for int8 tables."""
+        feats = self.features
+        if not self.quantized:
+            return user_side_vectors(self._user_table, self._item_table, users, feats.n_users, feats.hist_indptr,
+                                     feats.hist_indices)
         import torch
 
-        ids, cats, item_dots = self._item_side()
-        req = torch.from_numpy(row_req)
-        m, b = len(row_req), len(parts_u["user_id"][0])
-        user_vecs = [self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])),
-                     self._bag_mean("t_item", *parts_u["user_hist"])]  # _USER_SIDE order, (B, D) each
-        user_rows = [u.index_select(0, req) for u in user_vecs]
-        item_vecs = [ids.index_select(0, item_rows), cats.index_select(0, item_rows)]
-        n_rows = ids.shape[0]
-        if n_rows <= self.TABLE_PRODUCT_MAX_RATIO * max(m // max(b, 1), 1):
-            prod = torch.cat(user_vecs) @ self._item_pairs().T  # (2B, 2 * rows): every user vector x every item vector
-            at = [((k * b + req) * (2 * n_rows) + j * n_rows + item_rows) for k in range(2) for j in range(2)]
-            user_item = prod.view(-1).index_select(0, torch.stack(at, dim=1).view(-1)).view(m, 4)
-        else:
-            user_item = torch.stack([(u * i).sum(dim=1) for u in user_rows for i in item_vecs], dim=1)
-        dense_dots = [(dense_emb * v).sum(dim=1, keepdim=True) for v in (*user_rows, *item_vecs)]
-        user_dots = (user_vecs[0] * user_vecs[1]).sum(dim=1)
-        return torch.cat([dense_emb, user_item, *dense_dots, item_dots.index_select(0, item_rows).unsqueeze(1),
-                          user_dots.index_select(0, req).unsqueeze(1)], dim=1)
+        parts_u = feats.user_parts(users)
+        return (self._rows("t_user", torch.from_numpy(parts_u["user_id"][0])).numpy(),
+                self._bag_mean("t_item", *parts_u["user_hist"]).numpy())
+
+    def _item_side_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_item_side` as contiguous float32 numpy arrays (views, made once per table build)."""
+        if self._item_side_np is None or self._item_side_np[0] is not self._item_side():
+            tables = self._item_side()
+            self._item_side_np = (tables, *(np.ascontiguousarray(t.numpy(), dtype=np.float32) for t in tables))
+        return self._item_side_np[1:]
 
     def _interact(self, dense_emb: "torch.Tensor", emb: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """TorchRec's ``InteractionArch`` output, ``[dense, dot(v_i, v_j) for i < j]`` over (dense,

@@ -258,3 +258,90 @@ def filter_ranked(items: np.ndarray, scores: np.ndarray, n: int, n_items: int, e
                 out_scores[r, j] = scores[r, c]
                 j += 1
     return out_items, out_scores
+
+
+# ---- the ranker's inputs (models.dlrm.DLRMScorer) ----------------------------------------------
+@nb.njit(**_JIT)
+def ranker_dense_input(user_dense: np.ndarray, item_dense: np.ndarray, extra: np.ndarray, extra_mean: np.ndarray,
+                       extra_std: np.ndarray, user_idx: np.ndarray, item_idx: np.ndarray, user_oov: int, item_oov: int):
+    """The dense arch's input per row: ``[user_dense[u], item_dense[i], (extra - mean) / std]`` in
+    float32 (the tables already normalised; ``-1`` -> the ``*_oov`` row)."""
+    m = len(item_idx)
+    nu, ni, ne = user_dense.shape[1], item_dense.shape[1], extra.shape[1]
+    out = np.empty((m, nu + ni + ne), np.float32)
+    for r in range(m):
+        u = user_idx[r] if user_idx[r] >= 0 else user_oov
+        i = item_idx[r] if item_idx[r] >= 0 else item_oov
+        for c in range(nu):
+            out[r, c] = user_dense[u, c]
+        for c in range(ni):
+            out[r, nu + c] = item_dense[i, c]
+        for c in range(ne):
+            out[r, nu + ni + c] = (extra[r, c] - extra_mean[c]) / extra_std[c]
+    return out
+
+
+@nb.njit(**_JIT)
+def user_side_vectors(user_table: np.ndarray, item_table: np.ndarray, users: np.ndarray, user_oov: int,
+                      hist_indptr: np.ndarray, hist_indices: np.ndarray):
+    """Per request user: its ``user_id`` embedding row (``-1`` -> the OOV row) and the mean of its
+    history items' embedding rows (``user_hist``, mean-pooled like ``embedding_bag``; an unknown
+    user or an empty history -> zeros). Returns two ``(B, D)`` float32 arrays."""
+    b, d = len(users), user_table.shape[1]
+    uid = np.empty((b, d), np.float32)
+    uh = np.zeros((b, d), np.float32)
+    for q in range(b):
+        u = users[q]
+        row = u if u >= 0 else user_oov
+        uid[q, :] = user_table[row, :]
+        if u < 0:
+            continue
+        lo, hi = hist_indptr[u], hist_indptr[u + 1]
+        if hi <= lo:
+            continue
+        for e in range(lo, hi):
+            it = hist_indices[e]
+            for c in range(d):
+                uh[q, c] += item_table[it, c]
+        scale = np.float32(1.0) / np.float32(hi - lo)
+        for c in range(d):
+            uh[q, c] *= scale
+    return uid, uh
+
+
+@nb.njit(**_JIT)
+def _dot(a: np.ndarray, i: int, b: np.ndarray, j: int) -> np.float32:
+    s = np.float32(0.0)
+    for c in range(a.shape[1]):
+        s += a[i, c] * b[j, c]
+    return s
+
+
+@nb.njit(**_JIT)
+def grouped_interaction(dense_emb: np.ndarray, row_req: np.ndarray, item_rows: np.ndarray, user_ids: np.ndarray,
+                        user_hist: np.ndarray, item_ids: np.ndarray, item_cats: np.ndarray, item_dots: np.ndarray):
+    """The over arch's input on the request path (``DLRMScorer._grouped_layout``'s column order):
+    the dense arch's output, then the dots (user_id, user_hist) x (item_id, item_cats) user-major,
+    (dense x user_id), (dense x user_hist), (dense x item_id), (dense x item_cats),
+    (item_id x item_cats) from the per-item table, (user_id x user_hist) once per request.
+    ``row_req`` / ``item_rows``: each row's request and item table row."""
+    m, d = dense_emb.shape
+    out = np.empty((m, d + 10), np.float32)
+    b = user_ids.shape[0]
+    user_dots = np.empty(b, np.float32)
+    for q in range(b):
+        user_dots[q] = _dot(user_ids, q, user_hist, q)
+    for r in range(m):
+        q, i = row_req[r], item_rows[r]
+        out[r, :d] = dense_emb[r, :]
+        out[r, d] = _dot(user_ids, q, item_ids, i)
+        out[r, d + 1] = _dot(user_ids, q, item_cats, i)
+        out[r, d + 2] = _dot(user_hist, q, item_ids, i)
+        out[r, d + 3] = _dot(user_hist, q, item_cats, i)
+        out[r, d + 4] = _dot(dense_emb, r, user_ids, q)
+        out[r, d + 5] = _dot(dense_emb, r, user_hist, q)
+        out[r, d + 6] = _dot(dense_emb, r, item_ids, i)
+        out[r, d + 7] = _dot(dense_emb, r, item_cats, i)
+        out[r, d + 8] = item_dots[i]
+        out[r, d + 9] = user_dots[q]
+    return out

@@ -142,14 +142,14 @@ def test_fast_path_matches_torchrec_forward_and_broadcast(tiny, trained):
     np.testing.assert_allclose(per_row, broadcast, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("user_item", ["table_product", "per_row"])
-def test_request_path_matches_torchrec_forward(tiny, trained, user_item, monkeypatch):
-    """The request path (user side once per request, item side from per-item tables, the (user x
-    item) dots either from one product with the item table or per row) gives TorchRec's logits for
-    every row, whatever the rows' order, unknown users and items included."""
+def test_request_path_matches_torchrec_forward(tiny, trained, tmp_path):
+    """The request path (user side once per request, item side from per-item tables, the
+    interaction in one compiled pass) gives TorchRec's logits for every row, whatever the rows'
+    order, unknown users and items included; with int8 tables it gives the per-row path's logits
+    over the same dequantized rows."""
+    from models.dlrm import DLRMScorer
+
     s = trained.scorer
-    if user_item == "per_row":
-        monkeypatch.setattr(s, "TABLE_PRODUCT_MAX_RATIO", 0)
     rng = np.random.default_rng(0)
     n_req, per = 9, 6
     req_users = rng.integers(-1, s.features.n_users, n_req)  # -1: a user the model never saw
@@ -157,6 +157,9 @@ def test_request_path_matches_torchrec_forward(tiny, trained, user_item, monkeyp
     items = rng.integers(-1, s.features.n_items, n_req * per)
     got = s.logits(req_users[row_req], items, request_of_row=row_req, request_users=req_users)
     np.testing.assert_allclose(got, s.reference_logits(req_users[row_req], items), rtol=1e-5, atol=1e-5)
+    q = DLRMScorer.load(s.save(tmp_path / "ranker"), quantize=True)
+    np.testing.assert_allclose(q.logits(req_users[row_req], items, request_of_row=row_req, request_users=req_users),
+                               q.logits(req_users[row_req], items), rtol=1e-5, atol=1e-5)
 
 
 def test_artifact_round_trip_same_scores(tiny, trained, tmp_path):
