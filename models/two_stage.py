@@ -41,7 +41,7 @@ import scipy.sparse as sp
 
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
-from models.kernels import filter_ranked, item_item_top_n, merge_candidates, top_n_rows
+from models.kernels import NO_KEY, decode_keys, dense_keys, filter_ranked, item_item_keys, merge_candidates
 
 
 class TwoStageError(DataError):
@@ -106,11 +106,30 @@ def _exclusion(exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray, n
     return e.indptr, e.indices, e.data
 
 
-def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray]:
+def _top_from_keys(keys: np.ndarray, n: int, ibits: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(items, scores)`` of the ``n`` smallest rank keys per row (at most ``width`` columns, ``-1`` /
+    ``0`` where a row has fewer): numpy's SIMD ``partition`` + ``sort`` of the int64 keys (~4 us a row
+    of 3,700 here, faster than any compiled loop we tried), then :func:`models.kernels.decode_keys`."""
+    n = max(min(int(n), int(width)), 0)
+    if keys.shape[1] < n:
+        keys = np.concatenate([keys, np.full((keys.shape[0], n - keys.shape[1]), NO_KEY, np.int64)], axis=1)
+    elif n < keys.shape[1]:
+        keys = np.partition(keys, n - 1, axis=1)[:, :n] if n else keys[:, :0]
+    return decode_keys(np.sort(keys, axis=1), ibits)
+
+
+_ALL = np.zeros(0, bool)  # "no mask" for :func:`models.kernels.dense_keys`
+
+
+def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None, *, column_ok: np.ndarray = _ALL,
+                 row_ok: np.ndarray = _ALL) -> tuple[np.ndarray, np.ndarray]:
     """Top ``n`` columns per row of a dense score block, best first (ties by column); excluded,
-    non-finite and missing entries -> item -1, score 0 (:func:`models.kernels.top_n_rows`)."""
+    non-finite and masked-out entries (``column_ok`` / ``row_ok`` False) never come back; rows with
+    fewer get item -1, score 0."""
     s = np.ascontiguousarray(scores, dtype=np.float32)
-    return top_n_rows(s.reshape(s.shape[0], -1), int(n), *_exclusion(exclude))
+    s = s.reshape(s.shape[0], -1)
+    ibits = _bits(s.shape[1])
+    return _top_from_keys(dense_keys(s, ibits, *_exclusion(exclude), column_ok, row_ok), n, ibits, s.shape[1])
 
 
 def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,8 +234,10 @@ class ItemItemSource:
     def retrieve(self, user_idx, history, n, *, exclude=None):
         assert self.sim is not None, "fit() first"
         h, w = _as_csr(history), self.sim
-        return item_item_top_n(h.indptr, h.indices, h.data, w.indptr, w.indices, w.data, w.shape[1], int(n),
-                               *_exclusion(exclude))
+        ibits = _bits(w.shape[1])
+        keys = item_item_keys(h.indptr, h.indices, h.data, w.indptr, w.indices, w.data, w.shape[1], ibits,
+                              *_exclusion(exclude))
+        return _top_from_keys(keys, n, ibits, w.shape[1])
 
 
 class CoVisitationSource(ItemItemSource):
@@ -337,7 +358,7 @@ class EmbeddingSource:
         # the pipeline's catalog size when known (the exact path otherwise takes it from the
         # request's history rows) and, per catalog width, where each index row's score goes
         self.n_items = None if n_items is None else int(n_items)
-        self._scatters: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+        self._columns_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         import faiss
 
         if index is None:
@@ -394,31 +415,37 @@ class EmbeddingSource:
             vecs, signal = self._user[np.where(known, user_idx, 0)], known
         return np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(signal, bool)
 
-    def _scatter(self, width: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(index rows, pipeline columns) of the rows that land in a catalog of ``width`` items, or
-        None when the index's rows already are that catalog's items in order."""
-        if width not in self._scatters:
+    def _columns(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The item vectors laid out as a catalog of ``width`` items (row ``j`` = pipeline item ``j``;
+        zeros where the index has no vector for it) and which columns have one (empty: all do).
+        Built once per width, so the exact path's product lands in the pipeline's order directly
+        (no scatter of every score per request)."""
+        if width not in self._columns_of:
             n_rows = len(self.item_vectors)
             dest = np.arange(n_rows, dtype=np.int64) if self.item_ids is None else self.item_ids
             if n_rows == width and np.array_equal(dest, np.arange(width)):
-                self._scatters[width] = None
+                self._columns_of[width] = (self.item_vectors, _ALL)
             else:
                 rows = np.flatnonzero((dest >= 0) & (dest < width))
-                self._scatters[width] = (rows, dest[rows])
-        return self._scatters[width]
+                vectors = np.zeros((width, self.item_vectors.shape[1]), np.float32)
+                vectors[dest[rows]] = self.item_vectors[rows]
+                ok = np.zeros(width, bool)
+                ok[dest[rows]] = True
+                self._columns_of[width] = (vectors, ok)
+        return self._columns_of[width]
 
     @property
     def exact(self) -> bool:
         """Is the index an exact (flat) inner-product one? Then search is a matrix product."""
         return self._exact
 
-    def _all_scores(self, queries: np.ndarray) -> np.ndarray:
-        """``(B, index rows)`` inner products: torch's GEMM honours the worker's thread count
-        (numpy's BLAS may spin extra threads)."""
+    def _all_scores(self, queries: np.ndarray, vectors: np.ndarray | None = None) -> np.ndarray:
+        """``(B, rows)`` inner products with ``vectors`` (default: the index's rows): torch's GEMM
+        honours the worker's thread count (numpy's BLAS may spin extra threads)."""
         import torch
 
-        return (torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-                @ torch.from_numpy(self.item_vectors).T).numpy()
+        vectors = self.item_vectors if vectors is None else vectors
+        return (torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)) @ torch.from_numpy(vectors).T).numpy()
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``depth`` index rows per query, best first. An exact (flat) inner-product index is
@@ -433,19 +460,12 @@ class EmbeddingSource:
     def retrieve(self, user_idx, history, n, *, exclude=None):
         q, signal = self.query_vectors(np.asarray(user_idx), history)
         if self.exact:
-            # every item is scored anyway: exclusions, unmapped rows and requests without signal
-            # become -inf before the top n (no over-fetch, no filtering pass after it)
-            scores = self._all_scores(q)
+            # every item is scored anyway: exclusions, items without a vector and requests without
+            # signal are masked in the top n itself (no over-fetch, no filtering pass after it)
             width = exclude.shape[1] if exclude is not None else history.shape[1] if history is not None else \
                 self.n_items if self.n_items is not None else len(self.item_vectors)
-            scatter = self._scatter(int(width))
-            if scatter is not None:
-                rows, cols = scatter
-                dense = np.full((len(q), int(width)), -np.inf, np.float32)
-                dense[:, cols] = scores[:, rows]
-                scores = dense
-            scores[~signal] = -np.inf
-            return _top_n_dense(scores, n, exclude)
+            vectors, column_ok = self._columns(int(width))
+            return _top_n_dense(self._all_scores(q, vectors), n, exclude, column_ok=column_ok, row_ok=signal)
         extra = int(np.diff(exclude.indptr).max()) if exclude is not None and exclude.nnz else 0
         depth = min(self.index.ntotal, n + extra + self._unmapped)
         if depth <= 0:
