@@ -639,6 +639,8 @@ class TwoStagePipeline:
             if len(rows):
                 bkeys = rows * self.n_items + cols
                 keep &= ~np.isin(cands.request * self.n_items + cands.item, bkeys)
+        if keep.all():  # nothing to drop (the usual case): no copy of every candidate row
+            return cands
         return Candidates(cands.request[keep], cands.item[keep], cands.features[keep], cands.source_mask[keep],
                           cands.feature_names)
 

@@ -45,6 +45,7 @@ from torch import nn
 from core.schemas import DataError
 from models.artifacts import Artifact, register_kind
 from models.base import IdMap, InteractionData
+from models.kernels import bag_means_into, l2_normalize_rows
 
 log = logging.getLogger(__name__)
 
@@ -526,9 +527,10 @@ def _merge_history(stored: list[int], recent: list[int]) -> list[int]:
 
 
 class UserTower:
-    """The user tower for serving: each user feature's bag mean-pooled straight from its table
-    (``F.embedding_bag``, as the plain ``EmbeddingBagCollection`` does), the tower's MLP through
-    :class:`models.inference.LinearStack` in fp32, L2-normalised. The same numbers as
+    """The user tower for serving: each user feature's bag mean-pooled straight from its table into
+    the tower's input (:func:`models.kernels.bag_means_into`, the plain ``EmbeddingBagCollection``'s
+    arithmetic), the tower's MLP through :class:`models.inference.LinearStack` in fp32,
+    L2-normalised in place. The same numbers as
     ``TwoTower.forward`` on the user keys, without building a ``KeyedJaggedTensor`` over every
     key of both towers per request batch."""
 
@@ -538,7 +540,10 @@ class UserTower:
         self.builder = builder
         bags = model.ebc.embedding_bags
         table_of = {f: t.name for t in _tables(model.config) for f in t.feature_names}
-        self.weights = [(key, bags[table_of[key]].weight.detach()) for key in builder.user_keys]
+        # numpy views of the fp32 tables and each feature's first column in the tower's input
+        self.tables = [(key, bags[table_of[key]].weight.detach().numpy()) for key in builder.user_keys]
+        self.columns = np.concatenate(([0], np.cumsum([t.shape[1] for _, t in self.tables])[:-1])).astype(int).tolist()
+        self.in_features = int(sum(t.shape[1] for _, t in self.tables))
         linears = [m for m in model.user_tower if isinstance(m, nn.Linear)]
         self.mlp = LinearStack(linears, [True] * (len(linears) - 1) + [False], precision="fp32")
 
@@ -546,19 +551,14 @@ class UserTower:
         if len(user_idx) == 0:
             return np.zeros((0, self.mlp.out_features), np.float32)
         parts = self.builder.user_parts(np.asarray(user_idx, dtype=np.int64), hist)
-        n = len(user_idx)
-        pooled = []
+        x = np.empty((len(user_idx), self.in_features), np.float32)
+        for (key, table), col in zip(self.tables, self.columns):
+            lengths, values = parts[key]
+            bag_means_into(x, col, table, np.asarray(lengths, dtype=np.int64), np.asarray(values, dtype=np.int64))
         with torch.inference_mode():
-            for key, weight in self.weights:
-                lengths, values = parts[key]
-                lengths = np.asarray(lengths)
-                values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
-                if len(values) == n and (lengths == 1).all():  # one id per row: the mean is the row itself
-                    pooled.append(weight.index_select(0, values))
-                    continue
-                offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64))
-                pooled.append(nn.functional.embedding_bag(values, weight, offsets, mode="mean"))
-            return nn.functional.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=1).numpy()
+            out = self.mlp(torch.from_numpy(x)).numpy()
+        l2_normalize_rows(out)
+        return out
 
 
 def user_vectors(model: TwoTower, builder: FeatureBuilder, user_idx: np.ndarray, *,
