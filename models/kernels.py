@@ -57,77 +57,34 @@ def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, ou
         out[j] = (key << ibits) | items[j]
 
 
-#: histogram bins of :func:`_smallest_sorted`'s selection pass
-_SELECT_BINS = 1024
-
-
 @nb.njit(**_JIT)
-def _smallest_sorted(keys: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` smallest of ``keys`` (distinct), ascending: a histogram of the keys' range (one
-    pass) finds the bin holding the ``n``-th smallest; only the keys up to that bin are sorted
-    (measured here ~1.5x faster than numba's ``np.partition`` + sort at 300 of 3,700, and less
-    dependent on the data)."""
-    count = len(keys)
-    if n <= 0:
-        return keys[:0].copy()
-    if count <= 2 * n:
-        return np.sort(keys)[:n]
-    lo, hi = keys[0], keys[0]
-    for k in keys:
-        lo = min(lo, k)
-        hi = max(hi, k)
-    shift = 0
-    while ((hi - lo) >> shift) >= _SELECT_BINS:
-        shift += 1
-    hist = np.zeros(_SELECT_BINS, np.int64)
-    for k in keys:
-        hist[(k - lo) >> shift] += 1
-    taken, cut = 0, 0
-    for cut in range(_SELECT_BINS):
-        taken += hist[cut]
-        if taken >= n:
-            break
-    out = np.empty(taken, np.int64)
-    j = 0
-    for k in keys:
-        if ((k - lo) >> shift) <= cut:
-            out[j] = k
-            j += 1
-    out.sort()
-    return out[:n]
-
-
-@nb.njit(**_JIT)
-def merge_candidates(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, col_rf: np.ndarray,
-                     n_sources: int, n_items: int, n_candidates: int):
-    """The candidate merge of :meth:`models.two_stage.TwoStagePipeline.retrieve`.
+def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, col_rf: np.ndarray,
+                    n_sources: int, n_items: int, ibits: int):
+    """The first half of the candidate merge of :meth:`models.two_stage.TwoStagePipeline.retrieve`.
 
     ``items`` / ``scores`` ``(B, W)``: every source's ranked block side by side (``-1`` = none);
     ``col_src`` / ``col_rf`` ``(W,)``: the source and rank fraction of each column. Per request: the
-    union of the items; per (item, source) the score and rank fraction (an item a source repeats
-    keeps its last entry); the source bitmask and count; the ``n_candidates`` best by best rank
-    fraction, ties by item. Returns ``(request, item, features (M, 2 * n_sources + 1), mask)``,
-    grouped by request in batch order.
+    union of the items, each in a slot (first-seen order) with its features -- per source the
+    score and rank fraction (an item a source repeats keeps its last entry), the number of
+    sources -- and source bitmask. Returns ``(keys (B, W), counts (B,), slot_items (B, W), features
+    (B * W, 2 * n_sources + 1), masks (B * W,))``: ``keys[r]`` ranks request ``r``'s items by best rank
+    fraction, ties by item (:data:`NO_KEY` past its last item), for numpy to sort
+    (:func:`candidate_emit` then reads the winners).
 
     De-duplication is a sparse set over the catalog (valid when ``dense[sparse[i]] == i``), so its
     table needs no initialisation: the cost is per entry, not per catalog item."""
     b, w = items.shape
     n_f = 2 * n_sources + 1
-    cap = min(w, n_candidates)
-    out_req = np.empty(b * cap, np.int64)
-    out_item = np.empty(b * cap, np.int64)
-    out_feat = np.empty((b * cap, n_f), np.float32)
-    out_mask = np.empty(b * cap, np.int64)
+    keys = np.full((b, w), NO_KEY, np.int64)
+    slot_items = np.empty((b, w), np.int64)
+    feats = np.empty((b * w, n_f), np.float32)
+    masks = np.empty(b * w, np.int64)
+    counts = np.zeros(b, np.int64)
     sparse = np.empty(max(n_items, 1), np.int64)
-    dense = np.empty(w, np.int64)
-    feat = np.empty((w, n_f), np.float32)
     best = np.empty(w, np.float32)
-    mask = np.empty(w, np.int64)
-    keys = np.empty(w, np.int64)
-    ibits = _item_bits(n_items)
-    low = (np.int64(1) << ibits) - 1
-    m = 0
     for r in range(b):
+        base = r * w
+        dense = slot_items[r]
         count = 0
         for c in range(w):
             it = items[r, c]
@@ -138,35 +95,58 @@ def merge_candidates(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray,
                 v = count
                 sparse[it] = v
                 dense[v] = it
-                feat[v, :] = 0.0
+                feats[base + v, :] = 0.0
                 best[v] = 0.0
-                mask[v] = 0
+                masks[base + v] = 0
                 count += 1
             s = col_src[c]
-            feat[v, 2 * s] = scores[r, c]
-            feat[v, 2 * s + 1] = col_rf[c]
+            feats[base + v, 2 * s] = scores[r, c]
+            feats[base + v, 2 * s + 1] = col_rf[c]
             if col_rf[c] > best[v]:
                 best[v] = col_rf[c]
-            mask[v] |= np.int64(1) << s
-        if count == 0:
-            continue
-        _desc_keys(best, dense, count, ibits, keys)
-        ranked = _smallest_sorted(keys[:count], min(count, n_candidates))
-        for j in range(len(ranked)):
-            it = ranked[j] & low
-            v = sparse[it]
-            out_req[m] = r
-            out_item[m] = it
-            out_feat[m, :] = feat[v, :]
-            mk = mask[v]
-            out_mask[m] = mk
+            masks[base + v] |= np.int64(1) << s
+        for v in range(count):
+            mk = masks[base + v]
             n_set = 0
             while mk:
                 n_set += mk & 1
                 mk >>= 1
-            out_feat[m, n_f - 1] = n_set
+            feats[base + v, n_f - 1] = n_set
+        _desc_keys(best, dense, count, ibits, keys[r])
+        counts[r] = count
+    return keys, counts, slot_items, feats, masks
+
+
+@nb.njit(**_JIT)
+def candidate_emit(ranked: np.ndarray, counts: np.ndarray, slot_items: np.ndarray, feats: np.ndarray,
+                   masks: np.ndarray, n_items: int, ibits: int):
+    """The second half of the merge: each request's ranked keys (``(B, n)``, ascending, from
+    :func:`candidate_union` through numpy's sort) back to ``(request, item, features, mask)`` rows,
+    grouped by request in batch order."""
+    b, n = ranked.shape
+    w = slot_items.shape[1]
+    m = 0
+    for r in range(b):
+        m += min(counts[r], n)
+    out_req = np.empty(m, np.int64)
+    out_item = np.empty(m, np.int64)
+    out_feat = np.empty((m, feats.shape[1]), np.float32)
+    out_mask = np.empty(m, np.int64)
+    slot_of = np.empty(max(n_items, 1), np.int64)
+    low = (np.int64(1) << ibits) - 1
+    m = 0
+    for r in range(b):
+        for v in range(counts[r]):  # item -> slot (a request's items are distinct)
+            slot_of[slot_items[r, v]] = v
+        for j in range(min(counts[r], n)):
+            it = ranked[r, j] & low
+            v = r * w + slot_of[it]
+            out_req[m] = r
+            out_item[m] = it
+            out_feat[m, :] = feats[v, :]
+            out_mask[m] = masks[v]
             m += 1
-    return out_req[:m], out_item[:m], out_feat[:m], out_mask[:m]
+    return out_req, out_item, out_feat, out_mask
 
 
 @nb.njit(**_JIT)

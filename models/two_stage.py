@@ -41,7 +41,8 @@ import scipy.sparse as sp
 
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
-from models.kernels import NO_KEY, decode_keys, dense_keys, filter_ranked, item_item_keys, merge_candidates
+from models.kernels import (NO_KEY, candidate_emit, candidate_union, decode_keys, dense_keys, filter_ranked,
+                            item_item_keys)
 
 
 class TwoStageError(DataError):
@@ -604,7 +605,8 @@ class TwoStagePipeline:
 
         Rows come out grouped by request, each request's best first (by best per-source rank
         fraction, ties by item index), at most ``n_candidates`` per request. The sources' ``(B, q)``
-        blocks go side by side into one compiled pass (:func:`models.kernels.merge_candidates`)."""
+        blocks go side by side into one compiled pass (:func:`models.kernels.candidate_union`), numpy's
+        SIMD sort ranks each request's union, and a second pass reads the winners out."""
         n_items = self.n_items
         n_s = len(self.sources)
         blocks_i, blocks_s, col_src, col_rf = [], [], [], []
@@ -623,9 +625,14 @@ class TwoStagePipeline:
             raise TwoStageError("every candidate source has quota 0")
         items = np.concatenate(blocks_i, axis=1) if len(blocks_i) > 1 else blocks_i[0]
         sc = np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0]
-        request, item, feats, mask = merge_candidates(np.ascontiguousarray(items), np.ascontiguousarray(sc),
-                                                      np.concatenate(col_src), np.concatenate(col_rf), n_s, n_items,
-                                                      int(self.n_candidates))
+        ibits = _bits(n_items)
+        keys, counts, slot_items, feats, masks = candidate_union(np.ascontiguousarray(items), np.ascontiguousarray(sc),
+                                                                 np.concatenate(col_src), np.concatenate(col_rf), n_s,
+                                                                 n_items, ibits)
+        n = min(int(self.n_candidates), keys.shape[1])
+        if n < keys.shape[1]:
+            keys = np.partition(keys, n - 1, axis=1)[:, :n] if n > 0 else keys[:, :0]
+        request, item, feats, mask = candidate_emit(np.sort(keys, axis=1), counts, slot_items, feats, masks, n_items, ibits)
         return Candidates(request, item, feats, mask, self.feature_names)
 
     def filter(self, cands: Candidates, *, blocked: Sequence[Sequence[int]] | None = None) -> Candidates:
