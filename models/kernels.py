@@ -43,7 +43,7 @@ def _item_bits(n_items: int) -> int:
 def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, out: np.ndarray) -> None:
     """``out[j]``: an int64 whose ascending order is ``values[j]`` descending (NaN last), then
     ``items[j]`` ascending -- the float32's bits made order-preserving, flipped, and the item
-    index packed below them (``models.two_stage._desc_key``'s order)."""
+    index packed below them."""
     bits = values[:count].view(np.int32)
     for j in range(count):
         b = np.int64(bits[j])
@@ -420,3 +420,71 @@ def l2_normalize_rows(x: np.ndarray) -> None:
         norm = max(np.float32(np.sqrt(s)), np.float32(1e-12))
         for c in range(x.shape[1]):
             x[r, c] /= norm
+
+
+# ---- post-processing (models.two_stage.TwoStagePipeline.post_process) ---------------------------
+@nb.njit(**_JIT)
+def request_score_keys(request: np.ndarray, scores: np.ndarray, n_requests: int, rbits: int) -> np.ndarray:
+    """``(B, most rows of a request)`` rank keys of scored candidate rows, one row of keys per
+    request: score descending (NaN last), ties by row order; :data:`NO_KEY` pads. The row index is
+    packed in the low ``rbits`` bits (:func:`top_k_diverse` reads it back)."""
+    m = len(request)
+    counts = np.zeros(n_requests, np.int64)
+    for r in range(m):
+        counts[request[r]] += 1
+    width = 0
+    for q in range(n_requests):
+        width = max(width, counts[q])
+    keys = np.full((n_requests, width), NO_KEY, np.int64)
+    fill = np.zeros(n_requests, np.int64)
+    rows = np.empty(1, np.int64)
+    for r in range(m):
+        q = request[r]
+        rows[0] = r
+        _desc_keys(scores[r:r + 1], rows, 1, rbits, keys[q, fill[q]:fill[q] + 1])
+        fill[q] += 1
+    return keys
+
+
+@nb.njit(**_JIT)
+def top_k_diverse(ranked: np.ndarray, rbits: int, item: np.ndarray, scores: np.ndarray, source_mask: np.ndarray,
+                  category: np.ndarray, n_categories: int, k: int, cap: int):
+    """Top ``k`` per request from its ranked rows (``(B, L)`` keys, ascending, from
+    :func:`request_score_keys` through numpy's sort), at most ``cap`` items per category
+    (``category[item] < 0``: uncapped; ``cap <= 0``: no cap): the greedy "take the next-best item
+    unless its category is full", then the skipped items in rank order while the list is short
+    (a catalog too narrow for the cap). Returns ``(items, scores, masks)``, each ``(B, k)``."""
+    b, width = ranked.shape
+    out_i = np.full((b, k), -1, np.int64)
+    out_s = np.zeros((b, k), np.float32)
+    out_m = np.zeros((b, k), np.int64)
+    taken = np.zeros(max(n_categories, 1), np.int64)
+    skipped = np.empty(width, np.int64)
+    low = (np.int64(1) << rbits) - 1
+    for q in range(b):
+        n, n_skip = 0, 0
+        for j in range(width):
+            if n >= k or ranked[q, j] == NO_KEY:
+                break
+            r = ranked[q, j] & low
+            c = category[item[r]] if cap > 0 else -1
+            if c >= 0 and taken[c] >= cap:
+                skipped[n_skip] = r
+                n_skip += 1
+                continue
+            if c >= 0:
+                taken[c] += 1
+            out_i[q, n], out_s[q, n], out_m[q, n] = item[r], scores[r], source_mask[r]
+            n += 1
+        for j in range(n_skip):  # refill, best first
+            if n >= k:
+                break
+            r = skipped[j]
+            out_i[q, n], out_s[q, n], out_m[q, n] = item[r], scores[r], source_mask[r]
+            n += 1
+        if cap > 0:  # reset only the categories this request touched
+            for j in range(n):
+                c = category[out_i[q, j]]
+                if c >= 0:
+                    taken[c] = 0
+    return out_i, out_s, out_m

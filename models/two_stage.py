@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
 from models.kernels import (NO_KEY, candidate_emit, candidate_union, decode_keys, dense_keys, filter_ranked,
-                            item_item_keys)
+                            item_item_keys, request_score_keys, top_k_diverse)
 
 
 class TwoStageError(DataError):
@@ -61,34 +61,6 @@ def _as_csr(m: Any) -> sp.csr_matrix:
 def _bits(n: int) -> int:
     """Bits needed for the integers ``0 .. n - 1``."""
     return max(int(n - 1).bit_length(), 1)
-
-
-def _desc_key(values: np.ndarray) -> np.ndarray:
-    """Non-negative int64 (below 2**32) per float32 value whose ascending order is the values'
-    descending order, NaN last (as ``np.lexsort`` of the negated values puts it): the float's bits
-    made order-preserving, then flipped. Float32 only: wider floats would tie where they differ."""
-    values = np.asarray(values)
-    if values.dtype != np.float32:
-        raise TypeError(f"_desc_key orders float32 values, got {values.dtype}")
-    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 -> 0.0
-    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # ascending with the value
-    return np.where(np.isnan(values), 0xFFFFFFFF, 0xFFFFFFFF - ordered)
-
-
-def _lex_order(*columns: tuple[np.ndarray, int]) -> np.ndarray:
-    """Row permutation sorting by ``columns`` (most significant first; each non-negative ints
-    below ``2**bits``), ties by row index: ``np.lexsort`` (stable) as one ``np.sort`` of int64 keys
-    packing the columns and the row index (numpy's vectorised sort of unique keys is ~10x a
-    stable multi-key sort). Falls back to ``np.lexsort`` when the keys do not fit in 63 bits."""
-    n = len(columns[0][0])
-    idx_bits = _bits(n)
-    if sum(b for _, b in columns) + idx_bits > 63:
-        return np.lexsort(tuple(np.asarray(c) for c, _ in reversed(columns)))
-    key = np.zeros(n, np.int64)
-    for col, bits in columns:
-        key = (key << bits) | np.asarray(col, dtype=np.int64)
-    key = (key << idx_bits) | np.arange(n, dtype=np.int64)
-    return np.sort(key) & ((1 << idx_bits) - 1)
 
 
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
@@ -662,37 +634,17 @@ class TwoStagePipeline:
                      max_category_share: float | None) -> Recommendations:
         """Top ``k`` per request with at most ``ceil(share * k)`` items per primary category.
 
-        Greedy "take the next-best item unless its category is full" equals "keep items whose
-        rank inside their category is below the cap", which vectorises; skipped items refill
-        the list (in rank order) when the catalog is too narrow to satisfy the cap."""
-        req = cands.request
-        order = _lex_order((req, _bits(n_requests)), (_desc_key(scores), 32)) if scores.dtype == np.float32 else \
-            np.lexsort((-scores, req))  # the same order
-        req_o, item_o, sc_o, mask_o = req[order], cands.item[order], scores[order], cands.source_mask[order]
-        counts = np.bincount(req_o, minlength=n_requests)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        pos = np.arange(len(req_o)) - np.repeat(starts, counts)
-        if max_category_share is not None and max_category_share < 1.0 and len(item_o):
-            cap = max(1, int(np.ceil(max_category_share * k)))
-            cat = self.ranker.features.primary_category[item_o]
-            # rank within (request, category), preserving score order; items without a category are not capped
-            o2 = _lex_order((req_o, _bits(n_requests)), (cat + 1, _bits(int(cat.max(initial=0)) + 2)),
-                            (pos, _bits(int(pos.max(initial=0)) + 1)))  # = lexsort((pos, cat, req_o))
-            grp = np.r_[True, (req_o[o2][1:] != req_o[o2][:-1]) | (cat[o2][1:] != cat[o2][:-1])]
-            gstart = np.maximum.accumulate(np.where(grp, np.arange(len(o2)), 0))
-            within = np.empty(len(o2), np.int64)
-            within[o2] = np.arange(len(o2)) - gstart
-            over = (within >= cap) & (cat >= 0)
-            o3 = _lex_order((req_o, _bits(n_requests)), (over, 1), (pos, _bits(int(pos.max(initial=0)) + 1)))
-            req_o, item_o, sc_o, mask_o = req_o[o3], item_o[o3], sc_o[o3], mask_o[o3]
-            pos = np.arange(len(req_o)) - np.repeat(starts, counts)
-        keep = pos < k
-        items = np.full((n_requests, k), -1, np.int64)
-        out_s = np.zeros((n_requests, k), np.float32)
-        out_m = np.zeros((n_requests, k), np.int64)
-        items[req_o[keep], pos[keep]] = item_o[keep]
-        out_s[req_o[keep], pos[keep]] = sc_o[keep]
-        out_m[req_o[keep], pos[keep]] = mask_o[keep]
+        Greedy: take the next-best item unless its category is full; skipped items refill the list
+        (in rank order) when the catalog is too narrow to satisfy the cap. Scores rank as float32
+        (ties by candidate order): numpy's SIMD sort per request, then one compiled pass
+        (:func:`models.kernels.top_k_diverse`)."""
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+        rbits = _bits(len(cands))
+        ranked = np.sort(request_score_keys(cands.request, scores, int(n_requests), rbits), axis=1)
+        cap = max(1, int(np.ceil(max_category_share * k))) if max_category_share is not None and max_category_share < 1.0 else 0
+        category = self.ranker.features.primary_category
+        items, out_s, out_m = top_k_diverse(ranked, rbits, cands.item, scores, cands.source_mask, category,
+                                            int(category.max(initial=-1)) + 1, int(k), cap)
         return Recommendations(items, out_s, out_m, self.source_names)
 
     # -- entry points -----------------------------------------------------------------------

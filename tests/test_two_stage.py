@@ -524,23 +524,53 @@ def test_exact_retrieval_into_a_wider_catalog_takes_its_width_from_the_request()
     assert items[0].tolist() == order
 
 
-def test_packed_key_order_equals_lexsort():
-    """``_lex_order`` (one sort of packed int64 keys) is ``np.lexsort``: ties by row index, floats
-    of any sign in descending order via ``_desc_key``, and the plain lexsort past 63 bits."""
-    from models.two_stage import _bits, _desc_key, _lex_order
+def _post_process_reference(request, item, scores, mask, category, n_requests, k, cap):
+    """Greedy diversity in plain Python: per request, candidates by score descending (NaN last,
+    ties by row order); take an item unless its category already has ``cap``; then refill with
+    the skipped ones in rank order."""
+    out = []
+    for q in range(n_requests):
+        rows = [r for r in range(len(request)) if request[r] == q]
+        rows.sort(key=lambda r: (np.isnan(scores[r]), -scores[r] if not np.isnan(scores[r]) else 0.0, r))
+        taken, skipped, counts = [], [], {}
+        for r in rows:
+            c = category[item[r]]
+            if cap and c >= 0 and counts.get(c, 0) >= cap:
+                skipped.append(r)
+                continue
+            counts[c] = counts.get(c, 0) + 1
+            taken.append(r)
+        out.append((taken + skipped)[:k])
+    return out
 
-    rng = np.random.default_rng(0)
-    n = 3_000
-    group = rng.integers(0, 9, n)
-    values = rng.choice(np.array([-2.5, -0.0, 0.0, 1e-30, 0.25, 0.25, 7.0, np.inf, -np.inf], np.float32), n)
-    values[:500] = rng.standard_normal(500).astype(np.float32)
-    np.testing.assert_array_equal(_lex_order((group, _bits(9)), (_desc_key(values), 32)),
-                                  np.lexsort((-values.astype(np.float64), group)))
-    small = rng.integers(0, 5, n)
-    np.testing.assert_array_equal(_lex_order((group, 4), (small, 3)), np.lexsort((small, group)))
-    wide = rng.integers(0, 2**40, n)
-    np.testing.assert_array_equal(_lex_order((group, 30), (wide, 40)), np.lexsort((wide, group)))  # fallback
-    with_nan = np.array([0.2, np.nan, 0.9, 0.5], np.float32)  # NaN last, as lexsort of the negation
-    np.testing.assert_array_equal(_lex_order((np.zeros(4, np.int64), 1), (_desc_key(with_nan), 32)), [2, 3, 0, 1])
-    with pytest.raises(TypeError, match="float32"):
-        _desc_key(np.array([0.5, 0.5 + 1e-12]))  # float64 would tie where it differs
+
+@pytest.mark.parametrize("share", [None, 0.25, 0.5])
+def test_post_process_matches_a_plain_python_reference(share):
+    """Top-k with the category cap: rows of requests in any order, tied and NaN scores, items
+    without a category (never capped), a request with no candidate, one too narrow for the cap."""
+    from models.two_stage import Candidates
+
+    data, frame = _hand_made()
+    pipe = _pipeline(data, frame)
+    rng = np.random.default_rng(7)
+    n_req, k = 5, 8
+    request = rng.integers(0, n_req, 60)
+    request[request == 2] = 3  # request 2: no candidate
+    item = rng.integers(0, 10, 60)
+    scores = rng.integers(0, 5, 60).astype(np.float32) / 4  # many ties
+    scores[[3, 17]] = np.nan
+    mask = rng.integers(1, 4, 60)
+    category = pipe.ranker.features.primary_category.copy()
+    category[9] = -1  # an item without a category
+    pipe.ranker.features.primary_category = category
+    cands = Candidates(request, item, np.zeros((60, 5), np.float32), mask, pipe.feature_names)
+    got = pipe.post_process(n_req, cands, scores, k, share)
+    cap = max(1, int(np.ceil(share * k))) if share is not None else 0
+    want = _post_process_reference(request, item, scores, mask, category, n_req, k, cap)
+    for q in range(n_req):
+        rows = want[q]
+        assert got.items[q, :len(rows)].tolist() == item[rows].tolist()
+        np.testing.assert_array_equal(got.scores[q, :len(rows)], scores[rows])
+        assert got.source_mask[q, :len(rows)].tolist() == mask[rows].tolist()
+        assert (got.items[q, len(rows):] == -1).all()
+    assert (got.items[2] == -1).all()
