@@ -437,11 +437,13 @@ def request_score_keys(request: np.ndarray, scores: np.ndarray, n_requests: int,
         width = max(width, counts[q])
     keys = np.full((n_requests, width), NO_KEY, np.int64)
     fill = np.zeros(n_requests, np.int64)
-    rows = np.empty(1, np.int64)
+    bits = scores.view(np.int32)
     for r in range(m):
         q = request[r]
-        rows[0] = r
-        _desc_keys(scores[r:r + 1], rows, 1, rbits, keys[q, fill[q]:fill[q] + 1])
+        if scores[r] != scores[r]:  # NaN: after every number
+            keys[q, fill[q]] = (np.int64(0xFFFFFFFF) << rbits) | r
+        else:
+            keys[q, fill[q]] = _key(np.int64(bits[r]), r, rbits)
         fill[q] += 1
     return keys
 
