@@ -533,6 +533,8 @@ class DLRMScorer:
         # the fp32 tables as numpy views for the compiled request-path kernels
         self._user_table = self._weights["t_user"].numpy()
         self._item_table = self._weights["t_item"].numpy()
+        self._hist_indptr = np.asarray(features.hist_indptr, dtype=np.int64)
+        self._hist_indices = np.asarray(features.hist_indices, dtype=np.int64)
         if quantize:
             self.quantize()
 
@@ -692,8 +694,8 @@ class DLRMScorer:
         pass over the fp32 tables, or torch's dequantize + ``embedding_bag`` for int8 tables."""
         feats = self.features
         if not self.quantized:
-            return user_side_vectors(self._user_table, self._item_table, users, feats.n_users, feats.hist_indptr,
-                                     feats.hist_indices)
+            return user_side_vectors(self._user_table, self._item_table, users, feats.n_users, self._hist_indptr,
+                                     self._hist_indices)
         import torch
 
         parts_u = feats.user_parts(users)

@@ -71,12 +71,21 @@ def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
 _NO_ROWS = (np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
+def _csr_arrays(m: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A CSR matrix's ``(indptr, indices, data)`` as int64 / int64 / float32, the one dtype set the
+    kernels are compiled for (no copy when they already are): a matrix with other dtypes (scipy
+    picks int32 indices for small ones) would otherwise compile a new specialisation -- seconds --
+    on a live request."""
+    m = _as_csr(m)
+    return (m.indptr.astype(np.int64, copy=False), m.indices.astype(np.int64, copy=False),
+            m.data.astype(np.float32, copy=False))
+
+
 def _exclusion(exclude: sp.csr_matrix | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``exclude``'s CSR arrays (``indptr, indices, data``) for :mod:`models.kernels`."""
+    """``exclude``'s CSR arrays for :mod:`models.kernels` (see :func:`_csr_arrays`)."""
     if exclude is None or not exclude.nnz:
         return _NO_ROWS
-    e = _as_csr(exclude)
-    return e.indptr, e.indices, e.data
+    return _csr_arrays(exclude)
 
 
 def _top_from_keys(keys: np.ndarray, n: int, ibits: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +191,7 @@ class ItemItemSource:
     def __init__(self, *, neighbours: int | None = 200) -> None:
         self.neighbours = neighbours
         self.sim: sp.csr_matrix | None = None
+        self._weights_of: tuple[Any, Any] = (None, None)
 
     def params(self) -> dict[str, Any]:
         return {"neighbours": self.neighbours}
@@ -204,12 +214,19 @@ class ItemItemSource:
                                 shape=(n_items, n_items))
         return src
 
+    def _weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``sim``'s CSR arrays in the kernels' dtypes, converted once per matrix."""
+        if self._weights_of[0] is not self.sim:
+            self._weights_of = (self.sim, _csr_arrays(self.sim))
+        return self._weights_of[1]
+
     def retrieve(self, user_idx, history, n, *, exclude=None):
         assert self.sim is not None, "fit() first"
-        h, w = _as_csr(history), self.sim
+        h, w = history, self.sim
+        if h.shape[1] != w.shape[0]:
+            raise TwoStageError(f"{self.name} source: history rows have {h.shape[1]} items, the weights {w.shape[0]}")
         ibits = _bits(w.shape[1])
-        keys = item_item_keys(h.indptr, h.indices, h.data, w.indptr, w.indices, w.data, w.shape[1], ibits,
-                              *_exclusion(exclude))
+        keys = item_item_keys(*_csr_arrays(h), *self._weights(), w.shape[1], ibits, *_exclusion(exclude))
         return _top_from_keys(keys, n, ibits, w.shape[1])
 
 
@@ -640,11 +657,13 @@ class TwoStagePipeline:
         (:func:`models.kernels.top_k_diverse`)."""
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         rbits = _bits(len(cands))
-        ranked = np.sort(request_score_keys(cands.request, scores, int(n_requests), rbits), axis=1)
+        ranked = np.sort(request_score_keys(np.asarray(cands.request, dtype=np.int64), scores, int(n_requests), rbits), axis=1)
         cap = max(1, int(np.ceil(max_category_share * k))) if max_category_share is not None and max_category_share < 1.0 else 0
-        category = self.ranker.features.primary_category
-        items, out_s, out_m = top_k_diverse(ranked, rbits, cands.item, scores, cands.source_mask, category,
-                                            int(category.max(initial=-1)) + 1, int(k), cap)
+        feats = self.ranker.features
+        items, out_s, out_m = top_k_diverse(ranked, rbits, np.asarray(cands.item, dtype=np.int64), scores,
+                                            np.asarray(cands.source_mask, dtype=np.int64),
+                                            feats.primary_category.astype(np.int64, copy=False), len(feats.categories),
+                                            int(k), cap)
         return Recommendations(items, out_s, out_m, self.source_names)
 
     # -- entry points -----------------------------------------------------------------------
