@@ -499,3 +499,33 @@ def top_k_diverse(ranked: np.ndarray, rbits: int, item: np.ndarray, scores: np.n
                 if 0 <= c < len(taken):
                     taken[c] = 0
     return out_i, out_s, out_m
+
+
+# ---- request histories (serving.engine.Engine) ------------------------------------------------
+@nb.njit(**_JIT)
+def history_rows_csr(cols: np.ndarray, lengths: np.ndarray):
+    """CSR arrays ``(indptr, indices, data)`` of consumed-items rows: row ``r`` holds the distinct
+    non-negative entries of its ``lengths[r]`` consecutive ``cols`` (``-1`` = an item the models
+    do not know), ascending, each with value 1."""
+    b = len(lengths)
+    indptr = np.zeros(b + 1, np.int64)
+    indices = np.empty(len(cols), np.int64)
+    m, e = 0, 0
+    for r in range(b):
+        start = m
+        for k in range(e, e + lengths[r]):
+            c = cols[k]
+            if c < 0:
+                continue
+            j = m  # insertion into the row's sorted run; a repeat is dropped
+            while j > start and indices[j - 1] > c:
+                j -= 1
+            if j > start and indices[j - 1] == c:
+                continue
+            for t in range(m, j, -1):
+                indices[t] = indices[t - 1]
+            indices[j] = c
+            m += 1
+        e += lengths[r]
+        indptr[r + 1] = m
+    return indptr, indices[:m].copy(), np.ones(m, np.float32)

@@ -36,20 +36,17 @@ class Engine:
 
     # ---- request path --------------------------------------------------------------------
     def _history_matrix(self, histories: Sequence[Sequence[str]]):
-        """Consumed-items rows (requests x catalog, 1.0 per distinct known item, columns sorted):
-        built straight as CSR arrays, not through scipy's COO conversion."""
+        """Consumed-items rows (requests x catalog, 1.0 per distinct known item, columns sorted),
+        built as CSR arrays in one compiled pass (no scipy COO conversion, no global sort)."""
         import scipy.sparse as sp
 
+        from models.kernels import history_rows_csr
+
         index = self.items.index
-        n = len(self.items)
-        flat = [index.get(str(item), -1) for h in histories for item in h]
-        cols = np.array(flat, dtype=np.int64)
-        rows = np.repeat(np.arange(len(histories), dtype=np.int64), [len(h) for h in histories])
-        keys = np.unique((rows * n + cols)[cols >= 0])  # sorted, duplicates dropped
-        counts = np.bincount(keys // n, minlength=len(histories)) if len(histories) else np.zeros(0, np.int64)
-        indptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        return sp.csr_matrix((np.ones(len(keys), np.float32), (keys % n).astype(np.int64), indptr),
-                             shape=(len(histories), n))
+        cols = np.array([index.get(str(item), -1) for h in histories for item in h], dtype=np.int64)
+        lengths = np.array([len(h) for h in histories], dtype=np.int64)
+        indptr, indices, data = history_rows_csr(cols, lengths)
+        return sp.csr_matrix((data, indices, indptr), shape=(len(histories), len(self.items)))
 
     def recommend(self, user_ids: Sequence[str], *, k: int, histories: Sequence[Sequence[str]] | None = None,
                   blocked: Sequence[Sequence[str]] | None = None) -> tuple[list[tuple[list[str], list[float]]], dict[str, float]]:
