@@ -2,7 +2,11 @@
 load-generator processes, plus the ANN catalog-scaling curve.
 
 - closed loop, max throughput: ``wrk`` (many connections: keep-alive sticks to a worker) on
-  (a) ``/noop`` on the same server (the ceiling), (b) the full recommendation path,
+  (a) ``/noop`` on the same server (the ceiling), (b) the full recommendation path, each at every
+  concurrency of ``--connections`` (default 64, 128, 256) in the same repeat: a server that
+  batches concurrent requests needs concurrency to batch, so its maximum is the plateau of that
+  curve, not its value at one arbitrary connection count; each endpoint's maximum over the sweep
+  is its max throughput, and the whole curve (RPS, p50, p99 per concurrency) is reported;
   (c) event ingest (``POST /v1/events``, 202 only after fsync), single events and batches;
 - open loop at half the measured recommendation throughput: an asyncio client in its own
   process sends on a fixed schedule and measures from the *scheduled* send time (no
@@ -15,7 +19,7 @@ load-generator processes, plus the ANN catalog-scaling curve.
 Every measurement is repeated (``--repeats``) and reported with its spread: runs on this
 shared 2-core machine sometimes stall. Loopback only; every loop is bounded.
 
-    python benchmarks/serving.py [--quick] [--repeats 3] [--duration 8]
+    python benchmarks/serving.py [--quick] [--repeats 3] [--duration 8] [--connections 64,128,256]
 """
 from __future__ import annotations
 
@@ -342,7 +346,8 @@ def http_part(args, work: Path) -> dict:
                            "model_versions": {"two_tower": version, "ranker": ranker}, "candidates": settings.serving.candidates,
                            "setup_s": round(setup_s, 1), "workers": 2, "connections": args.connections,
                            "duration_s": args.duration, "repeats": args.repeats}}
-    runs: dict[str, list[dict]] = {"noop": [], "recommend": [], "events_single": [], "events_batch50": [], "open_loop_half": []}
+    runs: dict[str, list] = {"noop": [], "recommend": [], "sweep": [], "events_single": [], "events_batch50": [],
+                             "open_loop_half": []}
     with ServerProcess(settings, workers=2) as srv:
         info = json.loads(subprocess.run(["curl", "-s", srv.url + "/readyz"], capture_output=True, text=True).stdout)
         res["setup"]["ready"] = info
@@ -358,19 +363,28 @@ def http_part(args, work: Path) -> dict:
         run_wrk(srv.url + "/v1/recommendations/" + users[0], script=rec_lua, connections=16, duration=2)  # warm-up
         for r in range(args.repeats):
             la = load_avg()
-            runs["noop"].append({**run_wrk(srv.url + "/noop", script=None, connections=args.connections, duration=args.duration), "load_avg": la})
-            before = rec_counters(srv.url)
-            cpu0 = thread_cpu(workers)
-            rec_run = run_wrk(srv.url + "/", script=rec_lua, connections=args.connections, duration=args.duration)
-            cpu1 = thread_cpu(workers)
-            runs["recommend"].append({**rec_run, "load_avg": la, **model_served(before, rec_counters(srv.url)),
-                                      "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, rec_run["rps"] * args.duration)})
+            points = []
+            for conns in args.connections:  # the closed-loop curve; each endpoint's best point is its max
+                noop_run = run_wrk(srv.url + "/noop", script=None, connections=conns, duration=args.duration)
+                before = rec_counters(srv.url)
+                cpu0 = thread_cpu(workers)
+                rec_run = run_wrk(srv.url + "/", script=rec_lua, connections=conns, duration=args.duration)
+                cpu1 = thread_cpu(workers)
+                points.append({"connections": conns, "noop": {**noop_run, "load_avg": la},
+                               "recommend": {**rec_run, "load_avg": la, **model_served(before, rec_counters(srv.url)),
+                                             "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, rec_run["rps"] * args.duration)}})
+                print("connections", conns, "recommend", rec_run["rps"], "noop", noop_run["rps"], flush=True)
+            runs["sweep"].append(points)
+            runs["noop"].append({**max((p_["noop"] for p_ in points), key=lambda x: x["rps"]),
+                                 "connections": max(points, key=lambda p_: p_["noop"]["rps"])["connections"]})
+            best = max(points, key=lambda p_: p_["recommend"]["rps"])
+            runs["recommend"].append({**best["recommend"], "connections": best["connections"]})
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
             half = runs["recommend"][-1]["rps"] / 2
             before = rec_counters(srv.url)
             runs["open_loop_half"].append({"rate": round(half, 1), **open_loop(srv.url, half, args.duration, users),
                                            "load_avg": load_avg(), **model_served(before, rec_counters(srv.url))})
-            runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections, duration=args.duration), "load_avg": load_avg()})
+            runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections[0], duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
         metrics_text = subprocess.run(["curl", "-s", srv.url + "/metrics"], capture_output=True, text=True).stdout
@@ -400,8 +414,25 @@ def http_part(args, work: Path) -> dict:
         "stage_metrics_sample": [l for l in metrics_text.splitlines() if l.startswith("recsys_stage_seconds_sum")],
         "model_batch_size_mean": _batch_mean(metrics_text),
         "server_cpu_ms_per_request": runs["recommend"][len(runs["recommend"]) // 2].get("server_cpu_ms_per_request"),
+        "closed_loop_curve": closed_loop_curve(runs["sweep"]),
     })
     return res
+
+
+def closed_loop_curve(sweeps: list[list[dict]]) -> list[dict]:
+    """Per concurrency, medians over repeats: no-op and recommendation RPS, their ratio (per repeat,
+    then the median), the recommendation's p50 / p99 and server CPU per request."""
+    out = []
+    for i, conns in enumerate(p_["connections"] for p_ in sweeps[0]):
+        pts = [sw[i] for sw in sweeps]
+        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        out.append({"connections": conns, "noop_rps": med([p_["noop"]["rps"] for p_ in pts]),
+                    "recommend_rps": med([p_["recommend"]["rps"] for p_ in pts]),
+                    "recommend_to_noop": med([p_["recommend"]["rps"] / p_["noop"]["rps"] for p_ in pts]),
+                    "recommend_p50_ms": med([p_["recommend"]["p50_ms"] for p_ in pts if p_["recommend"]["p50_ms"] is not None]),
+                    "recommend_p99_ms": med([p_["recommend"]["p99_ms"] for p_ in pts if p_["recommend"]["p99_ms"] is not None]),
+                    "server_cpu_ms_per_request": med([p_["recommend"]["server_cpu_ms_per_request"]["total"] for p_ in pts])})
+    return out
 
 
 def main() -> None:
@@ -409,7 +440,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small catalog curve")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8)
-    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--connections", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[64, 128, 256],
+                    help="closed-loop concurrencies (comma-separated): the curve whose plateau is max throughput")
     ap.add_argument("--parts", default="http,catalog",
                     help="http (server: no-op, recommend, open loop, ingest), catalog (ANN scaling); a part not run "
                          "keeps its previous results from benchmarks/results/serving.json")
@@ -468,12 +500,24 @@ def main() -> None:
                                           "catalog_scaling", "targets")}, indent=2))
 
 
+def _curve_md(curve: list[dict] | None) -> list[str]:
+    if not curve:
+        return []
+    lines = ["Closed-loop curve (medians over repeats; the ratio is taken per repeat at the same concurrency):", "",
+             "| connections | no-op RPS | recommendation RPS | ratio | rec. p50 ms | rec. p99 ms | server CPU ms/rec. |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['connections']} | {c['noop_rps']} | {c['recommend_rps']} | {c['recommend_to_noop']} | {c['recommend_p50_ms']} | "
+              f"{c['recommend_p99_ms']} | {c['server_cpu_ms_per_request']} |" for c in curve]
+    return lines + [""]
+
+
 def render_md(r: dict) -> str:
     s = r["spread"]
     hm, cm = r.get("http_measured", {}), r.get("catalog_measured", {})
     lines = [
         "# Serving benchmark", "",
-        f"Real server: uvicorn, 2 workers, loopback; wrk ({r['setup']['connections']} connections, {r['setup']['duration_s']} s) "
+        f"Real server: uvicorn, 2 workers, loopback; wrk ({r['setup']['connections']} connections, {r['setup']['duration_s']} s each; "
+        f"max throughput = the best point of that sweep, per endpoint) "
         f"and an open-loop asyncio client, each in its own process, on the same {r['machine']['cpus']}-core machine "
         f"(the load generator competes with the server for CPU; other engineers' jobs share it too: the load "
         f"average at each repeat is in the JSON). {r['setup']['repeats']} repeats; median [min-max]. "
@@ -496,6 +540,7 @@ def render_md(r: dict) -> str:
         f"`timeout`, etc.; `features_unavailable` still counts as model-served): closed loop "
         f"{r.get('recommend_model_served_share')}, open loop at half load {r.get('open_loop_model_served_share')} "
         f"(per-run fallback counts in the JSON).", "",
+        *_curve_md(r.get("closed_loop_curve")),
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
         f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
         f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}.", "",
