@@ -242,10 +242,10 @@ def _batch_mean(metrics_text: str) -> float | None:
 
 
 # ---- main -----------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict:
+def spread(values: list[float], digits: int = 2) -> dict:
     vals = [v for v in values if v is not None]
-    return {"median": round(statistics.median(vals), 2), "min": round(min(vals), 2), "max": round(max(vals), 2),
-            "runs": [round(v, 2) for v in vals]} if vals else {}
+    return {"median": round(statistics.median(vals), digits), "min": round(min(vals), digits), "max": round(max(vals), digits),
+            "runs": [round(v, digits) for v in vals]} if vals else {}
 
 
 def rec_counters(url: str) -> dict[str, float]:
@@ -394,7 +394,7 @@ def http_part(args, work: Path) -> dict:
     ol = spread([x["p99_ms"] for x in runs["open_loop_half"]])
     ev1s = spread([x["rps"] for x in runs["events_single"]])
     ev50s = spread([x["rps"] * 50 for x in runs["events_batch50"]])
-    ratios = spread([r_["rps"] / n_["rps"] for r_, n_ in zip(runs["recommend"], runs["noop"])])
+    ratios = spread([r_["rps"] / n_["rps"] for r_, n_ in zip(runs["recommend"], runs["noop"])], digits=4)  # a target is 0.2
     res.update({
         "noop_rps": noop["median"], "recommend_rps": rec["median"],
         "recommend_to_noop": round(rec["median"] / noop["median"], 3),
