@@ -102,7 +102,8 @@ def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, 
                 v = count
                 sparse[it] = v
                 dense[v] = it
-                feats[base + v, :] = 0.0
+                for f in range(n_f):  # element loops: a slice assignment builds a view per entry
+                    feats[base + v, f] = 0.0
                 best[v] = 0.0
                 masks[base + v] = 0
                 count += 1
@@ -137,7 +138,8 @@ def candidate_emit(ranked: np.ndarray, counts: np.ndarray, slot_items: np.ndarra
         m += min(counts[r], n)
     out_req = np.empty(m, np.int64)
     out_item = np.empty(m, np.int64)
-    out_feat = np.empty((m, feats.shape[1]), np.float32)
+    n_f = feats.shape[1]
+    out_feat = np.empty((m, n_f), np.float32)
     out_mask = np.empty(m, np.int64)
     slot_of = np.empty(max(n_items, 1), np.int64)
     low = (np.int64(1) << ibits) - 1
@@ -150,7 +152,8 @@ def candidate_emit(ranked: np.ndarray, counts: np.ndarray, slot_items: np.ndarra
             v = r * w + slot_of[it]
             out_req[m] = r
             out_item[m] = it
-            out_feat[m, :] = feats[v, :]
+            for f in range(n_f):
+                out_feat[m, f] = feats[v, f]
             out_mask[m] = masks[v]
             m += 1
     return out_req, out_item, out_feat, out_mask
