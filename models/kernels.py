@@ -539,3 +539,46 @@ def history_rows_csr(cols: np.ndarray, lengths: np.ndarray):
         e += lengths[r]
         indptr[r + 1] = m
     return indptr, indices[:m].copy(), np.ones(m, np.float32)
+
+
+# ---- the two-tower as a candidate source (models.two_stage.EmbeddingSource.from_retrieval) ------
+@nb.njit(**_JIT)
+def merged_histories(model_users: np.ndarray, h_indptr: np.ndarray, h_indices: np.ndarray, local_to_model: np.ndarray,
+                     hist_indptr: np.ndarray, hist_items: np.ndarray, n_model_items: int, cap: int):
+    """Each request's history for the user tower, in the retrieval model's item space: the user's
+    stored (training-time) history, then the request's consumed items (its history row, pipeline
+    item indices) the model knows and the stored history lacks; the last ``cap`` of them
+    (``cap <= 0``: none). Returns ``(lengths, values, has_signal)``: a request has signal when
+    the model knows its user or the merged history is not empty."""
+    b = len(model_users)
+    lengths = np.zeros(b, np.int64)
+    signal = np.zeros(b, np.bool_)
+    stamp = np.zeros(max(n_model_items, 1), np.int64)
+    total = 0
+    for r in range(b):
+        m = model_users[r]
+        n = hist_indptr[m + 1] - hist_indptr[m] if m >= 0 else 0
+        total += n + (h_indptr[r + 1] - h_indptr[r])
+    merged = np.empty(total, np.int64)
+    values = np.empty(total, np.int64)
+    used = 0
+    for r in range(b):
+        m = model_users[r]
+        start, count = used, 0
+        if m >= 0:
+            for e in range(hist_indptr[m], hist_indptr[m + 1]):
+                merged[start + count] = hist_items[e]
+                stamp[hist_items[e]] = r + 1
+                count += 1
+        for e in range(h_indptr[r], h_indptr[r + 1]):
+            mi = local_to_model[h_indices[e]]
+            if mi >= 0 and stamp[mi] != r + 1:
+                merged[start + count] = mi
+                count += 1
+        signal[r] = count > 0 or m >= 0
+        keep = min(count, cap) if cap > 0 else 0
+        for j in range(keep):
+            values[used + j] = merged[start + count - keep + j]
+        lengths[r] = keep
+        used += keep
+    return lengths, values[:used].copy(), signal

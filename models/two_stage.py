@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
 from models.kernels import (NO_KEY, candidate_emit, candidate_union, decode_keys, dense_keys, filter_ranked,
-                            item_item_keys, request_score_keys, top_k_diverse)
+                            item_item_keys, merged_histories, request_score_keys, top_k_diverse)
 
 
 class TwoStageError(DataError):
@@ -379,20 +379,16 @@ class EmbeddingSource:
         local_to_model = retrieval.items.encode(items.ids, unknown="minus_one")
         user_to_model = retrieval.users.encode(users.ids, unknown="minus_one")
         feats = retrieval.features
+        hist_indptr = np.asarray(feats.hist_indptr, dtype=np.int64)
+        hist_items = np.asarray(feats.hist_items, dtype=np.int64)
 
         def queries(user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
             u = np.asarray(user_idx, dtype=np.int64)
             mu = np.where(u >= 0, user_to_model[np.maximum(u, 0)], -1)
-            h = _as_csr(history)
-            lists: list[list[int]] = []
-            signal = np.zeros(len(u), bool)
-            for r, m in enumerate(mu):
-                row = local_to_model[h.indices[h.indptr[r]:h.indptr[r + 1]]]
-                stored = feats.hist_items[feats.hist_indptr[m]:feats.hist_indptr[m + 1]].tolist() if m >= 0 else []
-                seen = set(stored)
-                lists.append(stored + [int(i) for i in row if i >= 0 and int(i) not in seen])
-                signal[r] = bool(lists[-1]) or m >= 0
-            return retrieval.user_vectors(mu, lists), signal
+            h_indptr, h_indices, _ = _csr_arrays(history)
+            lengths, values, signal = merged_histories(mu, h_indptr, h_indices, local_to_model, hist_indptr, hist_items,
+                                                       len(retrieval.items), int(retrieval.config.inference_history))
+            return retrieval.user_vectors(mu, hist=(lengths, values)), signal
 
         return cls(retrieval.item_vectors, queries, name=name, index=retrieval.index, item_ids=item_ids, n_items=len(items))
 

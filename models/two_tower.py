@@ -458,15 +458,18 @@ class TwoTowerRetrieval:
                            else build_faiss_index(self.item_vectors, self.config))
         return self._index
 
-    def user_vectors(self, user_idx: np.ndarray, histories: list[list[int]] | None = None) -> np.ndarray:
+    def user_vectors(self, user_idx: np.ndarray, histories: list[list[int]] | None = None, *,
+                     hist: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Vectors of users by index (-1 = unknown user; then only ``histories`` inform it).
+
+        ``hist``: the histories already as ``(lengths, values)``, each at most
+        ``config.inference_history`` long (the serving path builds them in one compiled pass).
 
         Served by :class:`UserTower` (the user features' bags pooled directly and the tower's
         MLP fused; checked against the module by ``tests/test_two_tower.py``), which skips
         TorchRec's jagged-tensor plumbing for the item keys a user row never fills."""
         user_idx = np.asarray(user_idx, dtype=np.int64)
-        hist = None
-        if histories is not None:
+        if hist is None and histories is not None:
             cap = self.config.inference_history
             lists = [list(h)[-cap:] if cap else [] for h in histories]
             hist = (np.array([len(h) for h in lists], dtype=np.int64),
