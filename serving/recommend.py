@@ -151,7 +151,7 @@ def run_model_batch(state: "ServingState", jobs: list[ModelJob]) -> list[Any]:
     from serving.metrics import observe_many
 
     for stage, sec in timings.items():  # once per batch, counted once per request of the batch
-        observe_many(state.metrics.stage.labels(stage=stage), sec, len(jobs))
+        observe_many(state.metrics.child("stage", stage), sec, len(jobs))
     return [(items[: j.k], scores[: j.k], timings, engine) for j, (items, scores) in zip(jobs, recs)]
 
 
@@ -174,7 +174,7 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         reason = "features_unavailable"
         state.note_failure("features", exc)
     timings["features"] = time.perf_counter() - ts
-    m.stage.labels(stage="features").observe(timings["features"])
+    m.child("stage", "features").observe(timings["features"])
 
     engine = state.models.engine
     items: list[str] = []
@@ -216,10 +216,10 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         if not served_by_models and reason is None:
             reason = "no_candidates"
     if reason:
-        m.fallbacks.labels(reason=reason).inc()
+        m.child("fallbacks", reason).inc()
     total = time.perf_counter() - t0
     timings["total"] = total
-    m.stage.labels(stage="total").observe(total)
+    m.child("stage", "total").observe(total)
     if cfg.log_impressions:
         state.log_impression(request_id=request_id, user_id=user_id, items=items, scores=scores, versions=versions,
                              reason=reason, context=context)
