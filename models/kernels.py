@@ -37,14 +37,6 @@ _JIT_DOTS = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 @nb.njit(**_JIT)
-def _item_bits(n_items: int) -> int:
-    bits = 1
-    while (np.int64(1) << bits) < n_items:
-        bits += 1
-    return bits
-
-
-@nb.njit(**_JIT)
 def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, out: np.ndarray) -> None:
     """``out[j]``: an int64 whose ascending order is ``values[j]`` descending (NaN last), then
     ``items[j]`` ascending -- the float32's bits made order-preserving, flipped, and the item
