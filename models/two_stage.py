@@ -1,7 +1,8 @@
 """Two-stage recommendation: the ONE logic package behind offline evaluation and online serving.
 
-retrieve -> merge -> filter -> rank -> post-process, batched over requests, numpy/torch only
-(no per-item Python loops):
+retrieve -> merge -> filter -> rank -> post-process, batched over requests (no per-item Python
+loops: matrix products on torch / FAISS, sorting on numpy, the glue between them in the compiled
+kernels of :mod:`models.kernels`):
 
 1. **Retrieve** up to ``quota`` items per candidate source per request. Sources:
    :class:`EmbeddingSource` (two-tower ANN: FAISS inner-product index over item embeddings),
@@ -435,7 +436,7 @@ class EmbeddingSource:
 
     def search(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``depth`` index rows per query, best first. An exact (flat) inner-product index is
-        searched as one matrix product + ``argpartition`` (the same answer ~5x faster than FAISS's
+        searched as one matrix product + a rank-key top-n (the same answer ~5x faster than FAISS's
         heap-based flat search at the hundreds of results a request asks for); ANN indexes go
         through FAISS."""
         if self.exact:
