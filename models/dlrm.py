@@ -493,6 +493,15 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, *, iters: int = 200) -> tu
 # ---------------------------------------------------------------------------------------------
 # serving module
 # ---------------------------------------------------------------------------------------------
+def _check_csr(what: str, indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: int) -> None:
+    """A CSR structure read by compiled kernels (which do not check bounds) must fit its tables: a
+    corrupt or mismatched artifact fails here, at load, not as a wild memory access per request."""
+    if len(indptr) != n_rows + 1 or (n_rows and (indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any())):
+        raise DataError(f"{what}: indptr does not describe {n_rows} rows of {len(indices)} entries")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_cols):
+        raise DataError(f"{what}: entries outside [0, {n_cols}): min {indices.min()}, max {indices.max()}")
+
+
 class DLRMScorer:
     """Inference: rebuilds the DLRM with plain embeddings from weights + config, no training code.
 
@@ -535,6 +544,11 @@ class DLRMScorer:
         self._item_table = self._weights["t_item"].numpy()
         self._hist_indptr = np.asarray(features.hist_indptr, dtype=np.int64)
         self._hist_indices = np.asarray(features.hist_indices, dtype=np.int64)
+        _check_csr("ranker user histories", self._hist_indptr, self._hist_indices, features.n_users,
+                   len(self._item_table))
+        if len(features.primary_category) != features.n_items:
+            raise DataError(f"ranker features: {len(features.primary_category)} primary categories for "
+                            f"{features.n_items} items")
         if quantize:
             self.quantize()
 
@@ -657,14 +671,23 @@ class DLRMScorer:
         run in :attr:`precision` through :class:`models.inference.LinearStack`."""
         import torch
 
-        user_idx = np.asarray(user_idx, dtype=np.int64)
-        item_idx = np.asarray(item_idx, dtype=np.int64)
+        user_idx = np.ascontiguousarray(user_idx, dtype=np.int64)
+        item_idx = np.ascontiguousarray(item_idx, dtype=np.int64)
         feats = self.features
+        if user_idx.shape != item_idx.shape or user_idx.ndim != 1:
+            raise ValueError(f"user_idx and item_idx must be 1-d and equally long, got {user_idx.shape} and {item_idx.shape}")
         feats.check_indices(user_idx, item_idx)
         extra = self._check_extra(extra, len(item_idx))
         if request_users is None:
             request_users, request_of_row = user_idx, None
-        req_u = np.asarray(request_users, dtype=np.int64)
+        req_u = np.ascontiguousarray(request_users, dtype=np.int64)
+        if request_of_row is not None:  # the compiled kernels index with these unchecked
+            request_of_row = np.ascontiguousarray(request_of_row, dtype=np.int64)
+            feats.check_indices(req_u, np.zeros(0, np.int64))
+            if request_of_row.shape != item_idx.shape or (len(request_of_row) and (
+                    request_of_row.min() < 0 or request_of_row.max() >= len(req_u))):
+                raise ValueError(f"request_of_row must give each of the {len(item_idx)} rows a request in "
+                                 f"[0, {len(req_u)})")
         dense = ranker_dense_input(self._user_dense_n, self._item_dense_n, np.ascontiguousarray(extra),
                                    self._extra_mean, self._extra_std, user_idx, item_idx, feats.n_users, feats.n_items)
         i_rows = np.where(item_idx < 0, feats.n_items, item_idx)
@@ -673,8 +696,7 @@ class DLRMScorer:
             if request_of_row is not None and self._over_mlp_grouped is not None:
                 uid, uh = self._user_side(req_u)
                 ids, cats, item_dots = self._item_side_arrays()
-                x = grouped_interaction(dense_emb.numpy(), np.asarray(request_of_row, dtype=np.int64), i_rows, uid, uh,
-                                        ids, cats, item_dots)
+                x = grouped_interaction(dense_emb.numpy(), request_of_row, i_rows, uid, uh, ids, cats, item_dots)
                 return self._over_mlp_grouped(torch.from_numpy(x)).squeeze(-1).numpy()
             parts_u = feats.user_parts(req_u)
             emb = {

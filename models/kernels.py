@@ -206,8 +206,8 @@ def item_item_keys(h_indptr: np.ndarray, h_indices: np.ndarray, h_data: np.ndarr
                    ex_indices: np.ndarray, ex_data: np.ndarray) -> np.ndarray:
     """Rank keys of ``history @ W`` per history row for a sparse item-to-item ``W``: each row's sum
     over its history entries of ``value * W[entry's item]`` (in float64, in entry order, as a
-    ``bincount`` would; ranked as float32); items with a non-positive score or stored in the row's
-    ``exclude`` row get no key. Only the items a row touches are visited (no dense pass over the
+    ``bincount`` would; ranked as float32); items with a non-positive or non-finite score or stored in
+    the row's ``exclude`` row get no key. Only the items a row touches are visited (no dense pass over the
     catalog per request): the result is ``(B, most keys in a row)``, padded with :data:`NO_KEY`."""
     b = len(h_indptr) - 1
     size = max(n_items, 1)
@@ -243,7 +243,7 @@ def item_item_keys(h_indptr: np.ndarray, h_indices: np.ndarray, h_data: np.ndarr
         for q in range(t):
             it = touched[q]
             value[0] = np.float32(acc[it])
-            if value[0] > 0 and excluded_at[it] != tag:
+            if value[0] > 0 and np.isfinite(value[0]) and excluded_at[it] != tag:
                 flat[used + count] = _key(np.int64(bits[0]), it, ibits)
                 count += 1
         per_row[r] = count

@@ -64,6 +64,15 @@ def _bits(n: int) -> int:
     return max(int(n - 1).bit_length(), 1)
 
 
+def _key_bits(n: int) -> int:
+    """Bits of the index part of a rank key (:mod:`models.kernels`): the score takes 32 of an
+    int64's 63, so indices must stay below 2**30 (a NaN key must not reach ``NO_KEY``)."""
+    bits = _bits(n)
+    if bits > 30:
+        raise TwoStageError(f"{n:,} items or rows do not fit a rank key (at most 2**30)")
+    return bits
+
+
 def _rows_csr(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     return m[rows] if len(rows) else sp.csr_matrix((0, m.shape[1]), dtype=m.dtype)
 
@@ -110,8 +119,9 @@ def _top_n_dense(scores: np.ndarray, n: int, exclude: sp.csr_matrix | None, *, c
     non-finite and masked-out entries (``column_ok`` / ``row_ok`` False) never come back; rows with
     fewer get item -1, score 0."""
     s = np.ascontiguousarray(scores, dtype=np.float32)
-    s = s.reshape(s.shape[0], -1)
-    ibits = _bits(s.shape[1])
+    if s.ndim != 2:
+        raise TwoStageError(f"scores must be a (requests, items) block, got shape {s.shape}")
+    ibits = _key_bits(s.shape[1])
     return _top_from_keys(dense_keys(s, ibits, *_exclusion(exclude), column_ok, row_ok), n, ibits, s.shape[1])
 
 
@@ -211,8 +221,10 @@ class ItemItemSource:
         indptr = np.asarray(arrays["indptr"])
         if len(indptr) != n_items + 1:
             raise TwoStageError(f"{cls.kind} source: weight matrix has {len(indptr) - 1} rows, catalog has {n_items} items")
-        src.sim = sp.csr_matrix((np.asarray(arrays["data"], np.float32), np.asarray(arrays["indices"]), indptr),
-                                shape=(n_items, n_items))
+        indices = np.asarray(arrays["indices"])
+        if len(indices) and (indices.min() < 0 or indices.max() >= n_items):  # scipy does not check; the kernel would not
+            raise TwoStageError(f"{cls.kind} source: neighbour indices outside the catalog of {n_items} items")
+        src.sim = sp.csr_matrix((np.asarray(arrays["data"], np.float32), indices, indptr), shape=(n_items, n_items))
         return src
 
     def _weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +238,7 @@ class ItemItemSource:
         h, w = history, self.sim
         if h.shape[1] != w.shape[0]:
             raise TwoStageError(f"{self.name} source: history rows have {h.shape[1]} items, the weights {w.shape[0]}")
-        ibits = _bits(w.shape[1])
+        ibits = _key_bits(w.shape[1])
         keys = item_item_keys(*_csr_arrays(h), *self._weights(), w.shape[1], ibits, *_exclusion(exclude))
         return _top_from_keys(keys, n, ibits, w.shape[1])
 
@@ -382,6 +394,10 @@ class EmbeddingSource:
         feats = retrieval.features
         hist_indptr = np.asarray(feats.hist_indptr, dtype=np.int64)
         hist_items = np.asarray(feats.hist_items, dtype=np.int64)
+        if len(hist_items) and (hist_items.min() < 0 or hist_items.max() >= len(retrieval.items)):
+            raise TwoStageError(f"{name}: the retrieval model's stored histories name items outside its catalog")
+        if len(hist_indptr) != len(retrieval.users) + 1:
+            raise TwoStageError(f"{name}: stored histories for {len(hist_indptr) - 1} users, the model has {len(retrieval.users)}")
 
         def queries(user_idx: np.ndarray, history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
             u = np.asarray(user_idx, dtype=np.int64)
@@ -611,7 +627,7 @@ class TwoStagePipeline:
             raise TwoStageError("every candidate source has quota 0")
         items = np.concatenate(blocks_i, axis=1) if len(blocks_i) > 1 else blocks_i[0]
         sc = np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0]
-        ibits = _bits(n_items)
+        ibits = _key_bits(n_items)
         keys, counts, slot_items, feats, masks = candidate_union(np.ascontiguousarray(items), np.ascontiguousarray(sc),
                                                                  np.concatenate(col_src), np.concatenate(col_rf), n_s,
                                                                  n_items, ibits)
@@ -653,12 +669,16 @@ class TwoStagePipeline:
         (ties by candidate order): numpy's SIMD sort per request, then one compiled pass
         (:func:`models.kernels.top_k_diverse`)."""
         scores = np.ascontiguousarray(scores, dtype=np.float32)
-        rbits = _bits(len(cands))
-        ranked = np.sort(request_score_keys(np.asarray(cands.request, dtype=np.int64), scores, int(n_requests), rbits), axis=1)
+        request = np.ascontiguousarray(cands.request, dtype=np.int64)
+        if scores.shape != request.shape or (len(request) and (request.min() < 0 or request.max() >= n_requests)):
+            raise TwoStageError(f"post_process: {len(scores)} scores for {len(request)} candidates of {n_requests} requests "
+                                "(each candidate's request must be in range)")
+        rbits = _key_bits(len(cands))
+        ranked = np.sort(request_score_keys(request, scores, int(n_requests), rbits), axis=1)
         cap = max(1, int(np.ceil(max_category_share * k))) if max_category_share is not None and max_category_share < 1.0 else 0
         feats = self.ranker.features
-        items, out_s, out_m = top_k_diverse(ranked, rbits, np.asarray(cands.item, dtype=np.int64), scores,
-                                            np.asarray(cands.source_mask, dtype=np.int64),
+        items, out_s, out_m = top_k_diverse(ranked, rbits, np.ascontiguousarray(cands.item, dtype=np.int64), scores,
+                                            np.ascontiguousarray(cands.source_mask, dtype=np.int64),
                                             feats.primary_category.astype(np.int64, copy=False), len(feats.categories),
                                             int(k), cap)
         return Recommendations(items, out_s, out_m, self.source_names)

@@ -157,6 +157,14 @@ def test_request_path_matches_torchrec_forward(tiny, trained, tmp_path):
     items = rng.integers(-1, s.features.n_items, n_req * per)
     got = s.logits(req_users[row_req], items, request_of_row=row_req, request_users=req_users)
     np.testing.assert_allclose(got, s.reference_logits(req_users[row_req], items), rtol=1e-5, atol=1e-5)
+    # the compiled kernels read these unchecked: out-of-range requests are refused before them
+    with pytest.raises(Exception, match="out of range"):
+        s.logits(np.zeros(2, np.int64), np.zeros(2, np.int64), request_of_row=np.zeros(2, np.int64),
+                 request_users=np.array([s.features.n_users + 10]))
+    with pytest.raises(ValueError, match="request_of_row"):
+        s.logits(np.zeros(2, np.int64), np.zeros(2, np.int64), request_of_row=np.array([0, 1]), request_users=np.array([0]))
+    with pytest.raises(ValueError, match="equally long"):
+        s.logits(np.zeros(1, np.int64), np.zeros(3, np.int64))
     q = DLRMScorer.load(s.save(tmp_path / "ranker"), quantize=True)
     np.testing.assert_allclose(q.logits(req_users[row_req], items, request_of_row=row_req, request_users=req_users),
                                q.logits(req_users[row_req], items), rtol=1e-5, atol=1e-5)

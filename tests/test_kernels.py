@@ -58,3 +58,26 @@ def test_item_item_top_n_is_the_sparse_product_ranked():
             assert (items[r, len(want):] == -1).all()
         assert (items[4] == -1).all()
     assert src.retrieve(np.arange(2), sp.csr_matrix((2, 60), dtype=np.float32), 5)[0].shape == (2, 5)
+
+
+def test_top_n_of_an_empty_batch_and_non_finite_item_item_sums():
+    items, scores = _top_n_dense(np.zeros((0, 7), np.float32), 3, None)
+    assert items.shape == (0, 3) and scores.shape == (0, 3)
+    from models.two_stage import CoVisitationSource
+
+    src = CoVisitationSource()
+    src.sim = sp.csr_matrix(np.array([[0, np.inf, 1.0], [0, 0, 2.0], [0, 0, 0]], np.float32))
+    got, _ = src.retrieve(np.arange(1), sp.csr_matrix(np.array([[1.0, 1.0, 0]], np.float32)), 3)
+    assert got[0].tolist() == [2, -1, -1]  # item 1's infinite sum is no candidate, as before the kernels
+
+
+def test_kernel_inputs_out_of_range_are_refused_not_read():
+    """The kernels do not check bounds, so their callers do: a wrong request index, a neighbour
+    index past the catalog or too many items for a rank key is an error naming the input."""
+    from models.two_stage import ItemItemSource, TwoStageError, _key_bits
+
+    arrays = {"indptr": np.array([0, 1, 1], np.int64), "indices": np.array([5], np.int32), "data": np.ones(1, np.float32)}
+    with pytest.raises(TwoStageError, match="outside the catalog"):
+        ItemItemSource.from_parts({"type": "item_item"}, arrays, 2)
+    with pytest.raises(TwoStageError, match="rank key"):
+        _key_bits(2**31)

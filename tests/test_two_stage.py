@@ -574,3 +574,7 @@ def test_post_process_matches_a_plain_python_reference(share):
         assert got.source_mask[q, :len(rows)].tolist() == mask[rows].tolist()
         assert (got.items[q, len(rows):] == -1).all()
     assert (got.items[2] == -1).all()
+    from models.two_stage import TwoStageError
+
+    with pytest.raises(TwoStageError, match="request must be in range"):
+        pipe.post_process(2, cands, scores, k, share)  # rows of requests 2-4 in a batch of 2
