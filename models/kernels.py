@@ -29,29 +29,33 @@ import numba as nb
 import numpy as np
 
 _JIT = {"cache": True, "nogil": True}
-#: for the ranker's dot products only: let LLVM reassociate the float sums (and fuse multiply-adds)
-#: so a 16-wide dot is one SIMD multiply and a tree reduction instead of 16 dependent scalar adds
-#: (~5x here). The sums then differ from torch's in the last bits (the tests allow 1e-5); no
+#: for the dot products and pooled sums (the ranker's interaction, the user tower's bags): let LLVM
+#: reassociate the float sums (and fuse multiply-adds) so a 16-wide dot is one SIMD multiply and a
+#: tree reduction instead of 16 dependent scalar adds (~5x here). The sums then differ from torch's in the last bits (the tests allow 1e-5); no
 #: ``nnan`` / ``ninf``: NaN and infinity still propagate as IEEE says.
 _JIT_DOTS = {**_JIT, "fastmath": {"reassoc", "contract"}}
 
 
 @nb.njit(**_JIT)
+def _key(value: np.float32, bits: np.int64, item: np.int64, ibits: int) -> np.int64:
+    """The rank key of one (float32 score, index) pair: an int64 whose ascending order is the scores
+    descending (NaN last, -0.0 with 0.0), then the index ascending -- the float's bits (``bits``,
+    its int32 view sign-extended) made order-preserving, flipped, and the index packed below them
+    in ``ibits`` bits."""
+    if value != value:  # NaN: after every number
+        return (np.int64(0xFFFFFFFF) << ibits) | item
+    if bits == np.int64(-2147483648):  # -0.0
+        bits = 0
+    ordered = (bits ^ 0x7FFFFFFF if bits < 0 else bits) + (np.int64(1) << 31)
+    return ((np.int64(0xFFFFFFFF) - ordered) << ibits) | item
+
+
+@nb.njit(**_JIT)
 def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, out: np.ndarray) -> None:
-    """``out[j]``: an int64 whose ascending order is ``values[j]`` descending (NaN last), then
-    ``items[j]`` ascending -- the float32's bits made order-preserving, flipped, and the item
-    index packed below them."""
+    """``out[j] = _key(values[j], ..., items[j])`` for the first ``count`` entries."""
     bits = values[:count].view(np.int32)
     for j in range(count):
-        b = np.int64(bits[j])
-        if values[j] != values[j]:  # NaN
-            key = np.int64(0xFFFFFFFF)
-        else:
-            if values[j] == 0.0:
-                b = 0  # -0.0 ranks with 0.0
-            ordered = (b ^ 0x7FFFFFFF if b < 0 else b) + (np.int64(1) << 31)
-            key = np.int64(0xFFFFFFFF) - ordered
-        out[j] = (key << ibits) | items[j]
+        out[j] = _key(values[j], np.int64(bits[j]), items[j], ibits)
 
 
 @nb.njit(**_JIT)
@@ -166,15 +170,6 @@ NO_KEY = np.iinfo(np.int64).max
 
 
 @nb.njit(**_JIT)
-def _key(bits: np.int64, item: np.int64, ibits: int) -> np.int64:
-    """:func:`_desc_keys` for one finite float32 given by its int32 bits (sign-extended)."""
-    if bits == np.int64(-2147483648):  # -0.0 ranks with 0.0
-        bits = 0
-    ordered = (bits ^ 0x7FFFFFFF if bits < 0 else bits) + (np.int64(1) << 31)
-    return ((np.int64(0xFFFFFFFF) - ordered) << ibits) | item
-
-
-@nb.njit(**_JIT)
 def dense_keys(scores: np.ndarray, ibits: int, ex_indptr: np.ndarray, ex_indices: np.ndarray, ex_data: np.ndarray,
                column_ok: np.ndarray, row_ok: np.ndarray) -> np.ndarray:
     """``(B, N)`` int64 rank keys of a dense float32 score block (best first = smallest key, ties by
@@ -196,7 +191,7 @@ def dense_keys(scores: np.ndarray, ibits: int, ex_indptr: np.ndarray, ex_indices
             if stamp[i] == r + 1 or not np.isfinite(v) or (check_col and not column_ok[i]):
                 keys[r, i] = NO_KEY
             else:
-                keys[r, i] = _key(np.int64(bits[r, i]), i, ibits)
+                keys[r, i] = _key(v, np.int64(bits[r, i]), i, ibits)
     return keys
 
 
@@ -244,7 +239,7 @@ def item_item_keys(h_indptr: np.ndarray, h_indices: np.ndarray, h_data: np.ndarr
             it = touched[q]
             value[0] = np.float32(acc[it])
             if value[0] > 0 and np.isfinite(value[0]) and excluded_at[it] != tag:
-                flat[used + count] = _key(np.int64(bits[0]), it, ibits)
+                flat[used + count] = _key(value[0], np.int64(bits[0]), it, ibits)
                 count += 1
         per_row[r] = count
         used += count
@@ -449,10 +444,7 @@ def request_score_keys(request: np.ndarray, scores: np.ndarray, n_requests: int,
     bits = scores.view(np.int32)
     for r in range(m):
         q = request[r]
-        if scores[r] != scores[r]:  # NaN: after every number
-            keys[q, fill[q]] = (np.int64(0xFFFFFFFF) << rbits) | r
-        else:
-            keys[q, fill[q]] = _key(np.int64(bits[r]), r, rbits)
+        keys[q, fill[q]] = _key(scores[r], np.int64(bits[r]), r, rbits)
         fill[q] += 1
     return keys
 
