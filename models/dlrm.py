@@ -533,10 +533,10 @@ class DLRMScorer:
         self.set_precision(precision)
         # normalised dense tables (the same float32 arithmetic as normalising per row, done once)
         n_u, n_i = len(USER_DENSE), len(ITEM_DENSE)
-        self._user_dense_n = (features.user_dense - self.dense_mean[:n_u]) / self.dense_std[:n_u]
-        self._item_dense_n = (features.item_dense - self.dense_mean[n_u:n_u + n_i]) / self.dense_std[n_u:n_u + n_i]
-        self._user_dense_n = np.ascontiguousarray(self._user_dense_n, dtype=np.float32)
-        self._item_dense_n = np.ascontiguousarray(self._item_dense_n, dtype=np.float32)
+        self._user_dense_n = np.ascontiguousarray(
+            (features.user_dense - self.dense_mean[:n_u]) / self.dense_std[:n_u], dtype=np.float32)
+        self._item_dense_n = np.ascontiguousarray(
+            (features.item_dense - self.dense_mean[n_u:n_u + n_i]) / self.dense_std[n_u:n_u + n_i], dtype=np.float32)
         self._extra_mean = np.ascontiguousarray(self.dense_mean[n_u + n_i:])
         self._extra_std = np.ascontiguousarray(self.dense_std[n_u + n_i:])
         # the fp32 tables as numpy views for the compiled request-path kernels
@@ -588,6 +588,7 @@ class DLRMScorer:
         self.quantized = True
         self._item_cats_table = None
         self._item_side_table = None
+        self._item_side_np = None
         return self
 
     def _item_cats(self) -> "torch.Tensor":
@@ -726,10 +727,9 @@ class DLRMScorer:
 
     def _item_side_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`_item_side` as contiguous float32 numpy arrays (views, made once per table build)."""
-        if self._item_side_np is None or self._item_side_np[0] is not self._item_side():
-            tables = self._item_side()
-            self._item_side_np = (tables, *(np.ascontiguousarray(t.numpy(), dtype=np.float32) for t in tables))
-        return self._item_side_np[1:]
+        if self._item_side_np is None:  # reset with the tables (quantize)
+            self._item_side_np = tuple(np.ascontiguousarray(t.numpy(), dtype=np.float32) for t in self._item_side())
+        return self._item_side_np
 
     def _interact(self, dense_emb: "torch.Tensor", emb: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         """TorchRec's ``InteractionArch`` output, ``[dense, dot(v_i, v_j) for i < j]`` over (dense,

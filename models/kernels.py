@@ -543,26 +543,25 @@ def merged_histories(model_users: np.ndarray, h_indptr: np.ndarray, h_indices: n
         m = model_users[r]
         n = hist_indptr[m + 1] - hist_indptr[m] if m >= 0 else 0
         total += n + (h_indptr[r + 1] - h_indptr[r])
-    merged = np.empty(total, np.int64)
     values = np.empty(total, np.int64)
     used = 0
     for r in range(b):
         m = model_users[r]
-        start, count = used, 0
+        count = 0  # the request's merged history is built at ``used``, then its last ``keep`` move there
         if m >= 0:
             for e in range(hist_indptr[m], hist_indptr[m + 1]):
-                merged[start + count] = hist_items[e]
+                values[used + count] = hist_items[e]
                 stamp[hist_items[e]] = r + 1
                 count += 1
         for e in range(h_indptr[r], h_indptr[r + 1]):
             mi = local_to_model[h_indices[e]]
             if mi >= 0 and stamp[mi] != r + 1:
-                merged[start + count] = mi
+                values[used + count] = mi
                 count += 1
         signal[r] = count > 0 or m >= 0
         keep = min(count, cap) if cap > 0 else 0
-        for j in range(keep):
-            values[used + j] = merged[start + count - keep + j]
+        for j in range(keep):  # a left shift: each source lies at or after its destination
+            values[used + j] = values[used + count - keep + j]
         lengths[r] = keep
         used += keep
     return lengths, values[:used].copy(), signal
