@@ -9,9 +9,10 @@ load-generator processes, plus the ANN catalog-scaling curve.
   is its max throughput, and the whole curve (RPS, p50, p99 per concurrency) is reported;
   (c) event ingest (``POST /v1/events``, 202 only after fsync), single events and batches;
 - open loop at half the measured recommendation throughput: an asyncio client in its own
-  process sends on a fixed schedule and measures from the *scheduled* send time (no
-  coordinated omission), p50/p95/p99, drawing users from the same population as the closed
-  loop (so the online-feature cache misses as often);
+  process (``benchmarks/open_loop_client.py``) sends on a fixed schedule and measures from the
+  *scheduled* send time (no coordinated omission), p50/p95/p99, drawing users from the same
+  population as the closed loop (so the online-feature cache misses as often); it reports its
+  own CPU per request, since it shares the machine's two cores with the server;
 - catalog scaling 4K -> 100K -> 1M items: clustered synthetic 64-d embeddings (mixture of
   Gaussians on the unit sphere, like trained two-tower vectors), exact search vs IVF, top-500
   per query, recall@100 of the ANN against exact, p99 per query on one thread.
@@ -24,7 +25,6 @@ shared 2-core machine sometimes stall. Loopback only; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -88,64 +88,16 @@ def lua_events(users: list[str], items: list[str], batch: int, path: Path) -> Pa
 
 
 # ---- open loop ------------------------------------------------------------------------------
-OPEN_LOOP = r'''
-# Open-loop load: requests are due on a fixed schedule; latency counts from the due time, so a
-# stalled server is charged for the queue it causes. Raw asyncio HTTP/1.1 keep-alive (httpx
-# costs ~1 ms of client CPU per request, which would make the generator the bottleneck).
-import asyncio, json, random, sys, time
-host, port, rate, duration, users = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), json.loads(sys.argv[5])
-CONNS = 64
-async def worker(queue, lat, errs):
-    reader, writer = await asyncio.open_connection(host, port)
-    while True:
-        due = await queue.get()
-        if due is None:
-            writer.close()
-            return
-        u = random.choice(users)
-        writer.write(f"GET /v1/recommendations/{u}?k=20 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
-            await asyncio.wait_for(reader.readexactly(length), 5.0)
-            if head.startswith(b"HTTP/1.1 200"):
-                lat.append((time.perf_counter() - due) * 1000.0)
-            else:
-                errs.append(head[:12])
-        except Exception as exc:
-            errs.append(repr(exc))
-            reader, writer = await asyncio.open_connection(host, port)
-async def main():
-    lat, errs = [], []
-    queue = asyncio.Queue()
-    workers = [asyncio.create_task(worker(queue, lat, errs)) for _ in range(CONNS)]
-    n = int(rate * duration)
-    start = time.perf_counter() + 0.3
-    for i in range(n):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        queue.put_nowait(due)
-    for _ in workers:
-        queue.put_nowait(None)
-    try:
-        await asyncio.wait_for(asyncio.gather(*workers), duration + 30)
-    except asyncio.TimeoutError:
-        pass
-    lat.sort()
-    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
-    print(json.dumps({"sent": n, "ok": len(lat), "errors": len(errs), "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}))
-asyncio.run(main())
-'''
-
-
 def open_loop(url: str, rate: float, duration: float, users: list[str]) -> dict:
+    """``benchmarks/open_loop_client.py`` in its own process (see its docstring: requests due on a
+    fixed schedule, latency from the due time, and the client's own CPU per request)."""
     from urllib.parse import urlparse
 
     u = urlparse(url)
-    out = subprocess.run([sys.executable, "-c", OPEN_LOOP, u.hostname, str(u.port), str(rate), str(duration),
-                          json.dumps(users)], capture_output=True, text=True, timeout=duration + 90)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "open_loop_client.py"), u.hostname, str(u.port),
+                          str(rate), str(duration), json.dumps(users)], capture_output=True, text=True, timeout=duration + 90)
+    if out.returncode != 0:
+        raise RuntimeError(f"open-loop client failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -382,8 +334,12 @@ def http_part(args, work: Path) -> dict:
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
             half = runs["recommend"][-1]["rps"] / 2
             before = rec_counters(srv.url)
-            runs["open_loop_half"].append({"rate": round(half, 1), **open_loop(srv.url, half, args.duration, users),
-                                           "load_avg": load_avg(), **model_served(before, rec_counters(srv.url))})
+            cpu0 = thread_cpu(workers)
+            ol_run = open_loop(srv.url, half, args.duration, users)
+            cpu1 = thread_cpu(workers)
+            runs["open_loop_half"].append({"rate": round(half, 1), **ol_run, "load_avg": load_avg(),
+                                           **model_served(before, rec_counters(srv.url)),
+                                           "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"])})
             runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections[0], duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
@@ -414,6 +370,8 @@ def http_part(args, work: Path) -> dict:
         "stage_metrics_sample": [l for l in metrics_text.splitlines() if l.startswith("recsys_stage_seconds_sum")],
         "model_batch_size_mean": _batch_mean(metrics_text),
         "server_cpu_ms_per_request": runs["recommend"][len(runs["recommend"]) // 2].get("server_cpu_ms_per_request"),
+        "open_loop_server_cpu_ms_per_request": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_cpu_ms_per_request"),
+        "open_loop_client_cpu_ms_per_request": spread([x.get("client_cpu_ms_per_request") for x in runs["open_loop_half"]], digits=3).get("median"),
         "closed_loop_curve": closed_loop_curve(runs["sweep"]),
     })
     return res
@@ -459,7 +417,8 @@ def main() -> None:
                  "recommend_model_served_share", "open_loop_model_served_share",
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
-                 "model_batch_size_mean", "server_cpu_ms_per_request")
+                 "model_batch_size_mean", "server_cpu_ms_per_request", "open_loop_server_cpu_ms_per_request",
+                 "open_loop_client_cpu_ms_per_request", "closed_loop_curve")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -544,6 +503,8 @@ def render_md(r: dict) -> str:
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
         f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
         f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}.", "",
+        f"At half load (open loop, middle repeat) the server spent {r.get('open_loop_server_cpu_ms_per_request')} ms of CPU per "
+        f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats).", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
         f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
         "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",

@@ -1,0 +1,180 @@
+"""Open-loop HTTP load generator: ``GET /v1/recommendations/{user}?k=20`` on a fixed schedule.
+
+Requests are *due* at ``start + i / rate``; latency counts from the due time, so a stalled server
+is charged for the queue it causes (no coordinated omission). Each request goes out on an idle
+keep-alive connection of a fixed pool (a due request finding none idle waits in a FIFO, and that
+wait counts too).
+
+Why not a simpler asyncio client: this process shares the benchmark machine's two cores with the
+server it measures, so every millisecond of client CPU is taken from the server and shows up as
+server latency. An asyncio streams client (``StreamReader`` / ``wait_for`` / a queue task per
+connection) cost ~0.11-0.2 ms of CPU per request; this one is a bare ``asyncio.Protocol`` per
+connection on uvloop (when installed), timers scheduled in slices, responses parsed with bytes
+searches, and costs several times less (it reports its own CPU per request).
+
+    python benchmarks/open_loop_client.py HOST PORT RATE DURATION_S USERS_JSON [CONNECTIONS]
+
+Prints one JSON line: sent, ok, errors, p50/p95/p99 ms, client CPU ms per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import resource
+import sys
+import time
+
+TIMEOUT_S = 5.0
+SLICE_S = 0.05  # timers are scheduled this far ahead, so a long run does not hold every handle at once
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection with at most one request outstanding."""
+
+    def __init__(self, client: "Client"):
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.due: float | None = None  # due time of the outstanding request
+        self.need: int | None = None  # total bytes of the response being read (head + body)
+        self.ok = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.client.idle.append(self)
+        self.client.dispatch()
+
+    def send(self, due: float, path: bytes) -> None:
+        self.due, self.need = due, None
+        self.transport.write(b"GET " + path + b" HTTP/1.1\r\nHost: bench\r\n\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.need is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).lower()
+            at = head.find(b"content-length:")
+            if at < 0:
+                self.fail("response without content-length")
+                return
+            self.need = end + 4 + int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
+            self.ok = head.startswith(b"http/1.1 200")
+        if len(self.buf) >= self.need:
+            del self.buf[:self.need]
+            due, self.due, self.need = self.due, None, None
+            self.client.done(self, due, self.ok)
+
+    def fail(self, why: str) -> None:
+        self.client.errors.append(why)
+        self.due = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        if self.due is not None:
+            self.client.errors.append(f"connection lost: {exc!r}")
+        if self in self.client.idle:
+            self.client.idle.remove(self)
+        self.client.conns.discard(self)
+        if not self.client.finished:
+            self.client.loop.create_task(self.client.connect())
+
+
+class Client:
+    def __init__(self, host: str, port: int, users: list[str], connections: int):
+        self.host, self.port = host, port
+        self.paths = [f"/v1/recommendations/{u}?k=20".encode() for u in users]
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+        self.idle: collections.deque[Connection] = collections.deque()
+        self.waiting: collections.deque[float] = collections.deque()  # due times with no idle connection yet
+        self.conns: set[Connection] = set()
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.finished = False
+        self.rng = random.Random(0)
+
+    async def connect(self) -> None:
+        try:
+            _, conn = await self.loop.create_connection(lambda: Connection(self), self.host, self.port)
+            self.conns.add(conn)
+        except OSError as exc:
+            self.errors.append(f"connect: {exc!r}")
+
+    def due(self, due: float) -> None:
+        self.waiting.append(due)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        while self.waiting and self.idle:
+            self.idle.popleft().send(self.waiting.popleft(), self.rng.choice(self.paths))
+
+    def done(self, conn: Connection, due: float, ok: bool) -> None:
+        if ok:
+            self.latencies.append((time.perf_counter() - due) * 1000.0)
+        else:
+            self.errors.append("non-200")
+        self.idle.append(conn)
+        self.dispatch()
+
+    def reap(self) -> None:
+        """Requests outstanding longer than TIMEOUT_S are errors; their connection is replaced."""
+        now = time.perf_counter()
+        for conn in list(self.conns):
+            if conn.due is not None and now - conn.due > TIMEOUT_S:
+                conn.fail("timeout")
+
+
+async def run(host: str, port: int, rate: float, duration: float, users: list[str], connections: int) -> dict:
+    client = Client(host, port, users, connections)
+    await asyncio.gather(*(client.connect() for _ in range(connections)))
+    loop = client.loop
+    n = int(rate * duration)
+    # due times are perf_counter values; the loop's timers use loop.time(): one fixed offset maps them
+    offset = loop.time() - time.perf_counter()
+    start = time.perf_counter() + 0.3
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    i = 0
+    while i < n:
+        horizon = time.perf_counter() + SLICE_S
+        while i < n and start + i / rate <= horizon:
+            due = start + i / rate
+            loop.call_at(due + offset, client.due, due)
+            i += 1
+        client.reap()
+        await asyncio.sleep(SLICE_S / 2)
+    end = start + n / rate + TIMEOUT_S + 1.0
+    while (client.waiting or any(c.due is not None for c in client.conns)) and time.perf_counter() < end:
+        client.reap()
+        await asyncio.sleep(0.05)
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    client.finished = True
+    for conn in list(client.conns):
+        conn.transport.close()
+    lat = sorted(client.latencies)
+    q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None  # noqa: E731
+    cpu_s = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    return {"sent": n, "ok": len(lat), "errors": len(client.errors) + len(client.waiting),
+            "error_kinds": dict(collections.Counter(client.errors).most_common(5)),
+            "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99), "connections": connections,
+            "client_cpu_ms_per_request": round(cpu_s * 1000.0 / n, 4) if n else None}
+
+
+def main(argv: list[str]) -> None:
+    host, port, rate, duration, users = argv[0], int(argv[1]), float(argv[2]), float(argv[3]), json.loads(argv[4])
+    connections = int(argv[5]) if len(argv) > 5 else 64
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # plain asyncio works too, with more client CPU
+        pass
+    print(json.dumps(asyncio.run(run(host, port, rate, duration, users, connections))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
