@@ -127,8 +127,8 @@ class LimitsAndMetrics:
                     await send({"type": "http.response.start", "status": status, "headers": raw})
                     await send({"type": "http.response.body", "body": body})
                 finally:
-                    m.child("requests", name, str(status)).inc()
-                    m.child("latency", name).observe(time.perf_counter() - t0)
+                    m.record(m.child("requests", name, str(status)))
+                    m.record(m.child("latency", name), time.perf_counter() - t0)
                 return
         seen = [0]
 
@@ -146,8 +146,8 @@ class LimitsAndMetrics:
             status_box[0] = 413
             await _send_problem(send, 413, f"request body larger than {self.max_body} bytes")
         finally:
-            m.child("requests", name, str(status_box[0])).inc()
-            m.child("latency", name).observe(time.perf_counter() - t0)
+            m.record(m.child("requests", name, str(status_box[0])))
+            m.record(m.child("latency", name), time.perf_counter() - t0)
 
 
 class _BodyTooLarge(Exception):

@@ -8,6 +8,8 @@ gauge ``recsys_model_info{model,version,alias} = 1`` (``livemax``: dead workers 
 """
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ class Metrics:
     ready: Gauge
     swaps: Counter
     _children: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
+    _pending: list[tuple[Any, float]] = field(default_factory=list, repr=False)  # (child, value) of this loop turn
 
     def child(self, name: str, *values: str) -> Any:
         """``getattr(self, name).labels(*values)``, cached: ``labels()`` validates the label values
@@ -42,6 +45,40 @@ class Metrics:
         if found is None:
             found = self._children[key] = getattr(self, name).labels(*values)
         return found
+
+    def record(self, child: Any, value: float = 1.0) -> None:
+        """``child.inc(value)`` (counter) or ``child.observe(value)`` (histogram), written together
+        with every other update of this event-loop turn (:meth:`flush`, scheduled with ``call_soon``).
+
+        In multiprocess mode each update is a locked write to a memory-mapped file: a
+        recommendation made seven of them on the event loop (~12% of its CPU under load). The
+        requests a finished micro-batch releases all resume in one loop turn, so their updates
+        collapse into one write per touched counter / bucket. They land before the loop next polls
+        for I/O, so a ``/metrics`` read after a response (on any worker) sees them as before: the
+        updates were written after the response was sent already. Event-loop thread only; without
+        a running loop the update is written at once."""
+        self._pending.append((child, value))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no running loop (a script, a test): write now
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the pending updates, one write per touched counter and histogram bucket."""
+        pending, self._pending = self._pending, []
+        grouped: dict[int, tuple[Any, list[float]]] = {}
+        for child, value in pending:
+            entry = grouped.get(id(child))
+            if entry is None:
+                grouped[id(child)] = (child, [value])
+            else:
+                entry[1].append(value)
+        for child, values in grouped.values():
+            if isinstance(child, Histogram):
+                observe_values(child, values)
+            else:
+                child.inc(sum(values))
 
     def set_model(self, model: str, version: str | None, alias: str, previous: str | None = None) -> None:
         if previous is not None and previous != version:
@@ -73,6 +110,25 @@ def observe_many(child: Histogram, amount: float, count: int) -> None:
             break
 
 
+def observe_values(child: Histogram, values: list[float]) -> None:
+    """``child.observe(v)`` for each of ``values`` with one write per touched bucket plus one for the
+    sum (the histogram's value objects, as :func:`observe_many`; plain observations if a
+    prometheus_client release renames them)."""
+    try:
+        bounds, buckets, total = child._upper_bounds, child._buckets, child._sum  # noqa: SLF001
+    except AttributeError:
+        for v in values:
+            child.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)  # the first bound >= v, as ``observe``'s ``amount <= bound``
+        counts[i] = counts.get(i, 0) + 1
+    total.inc(sum(values))
+    for i, n in counts.items():
+        buckets[i].inc(n)
+
+
 def metrics() -> Metrics:
     """The process's metric objects (created once; prometheus_client forbids duplicates)."""
     global _METRICS
@@ -97,6 +153,8 @@ def metrics() -> Metrics:
 
 def render() -> tuple[bytes, str]:
     """The exposition text for /metrics (all workers when in multiprocess mode)."""
+    if _METRICS is not None:
+        _METRICS.flush()  # this worker's updates of the current loop turn, if any
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 

@@ -174,7 +174,7 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         reason = "features_unavailable"
         state.note_failure("features", exc)
     timings["features"] = time.perf_counter() - ts
-    m.child("stage", "features").observe(timings["features"])
+    m.record(m.child("stage", "features"), timings["features"])
 
     engine = state.models.engine
     items: list[str] = []
@@ -216,10 +216,10 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         if not served_by_models and reason is None:
             reason = "no_candidates"
     if reason:
-        m.child("fallbacks", reason).inc()
+        m.record(m.child("fallbacks", reason))
     total = time.perf_counter() - t0
     timings["total"] = total
-    m.child("stage", "total").observe(total)
+    m.record(m.child("stage", "total"), total)
     if cfg.log_impressions:
         state.log_impression(request_id=request_id, user_id=user_id, items=items, scores=scores, versions=versions,
                              reason=reason, context=context)

@@ -149,6 +149,49 @@ def test_observe_many_equals_repeated_observations() -> None:
     assert samples[("batched_count", None)] == 6 and samples[("batched_bucket", "0.005")] == 3
 
 
+def test_recorded_updates_of_a_loop_turn_equal_plain_updates() -> None:
+    """``Metrics.record`` defers the per-request metric writes of one event-loop turn and writes
+    them grouped: the same samples as plain ``inc`` / ``observe`` calls, written before the loop's
+    next turn (and at once without a running loop)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from serving.metrics import BUCKETS, Metrics
+
+    reg = CollectorRegistry()
+    grouped_h = Histogram("grouped_h", "x", ["stage"], buckets=BUCKETS, registry=reg)
+    plain_h = Histogram("plain_h", "x", ["stage"], buckets=BUCKETS, registry=reg)
+    grouped_c = Counter("grouped_c", "x", ["reason"], registry=reg)
+    plain_c = Counter("plain_c", "x", ["reason"], registry=reg)
+    m = Metrics(*[None] * 10)
+    values = [0.0005, 0.0004, 0.004, 0.0051, 0.2, 9.0, 0.003, 0.0005]
+
+    def samples_of(name):
+        return sorted((s.name.replace(name, "x"), tuple(sorted(s.labels.items())), s.value) for f in reg.collect()
+                      if f.name == name for s in f.samples if not s.name.endswith("_created"))
+
+    async def turn() -> int:
+        for i, v in enumerate(values):
+            stage = "a" if i % 3 else "b"
+            m.record(grouped_h.labels(stage), v)
+            plain_h.labels(stage).observe(v)
+            m.record(grouped_c.labels(stage))
+            plain_c.labels(stage).inc()
+        m.record(grouped_c.labels("b"), 2.5)
+        plain_c.labels("b").inc(2.5)
+        unwritten = len(m._pending)  # noqa: SLF001 - nothing written during the turn
+        await asyncio.sleep(0)  # the next turn: flushed
+        return unwritten
+
+    assert asyncio.run(turn()) == 2 * len(values) + 1
+    assert not m._pending  # noqa: SLF001
+    assert samples_of("grouped_h") == samples_of("plain_h") and samples_of("grouped_c") == samples_of("plain_c")
+    m.record(grouped_c.labels("c"))  # no running loop: written now
+    plain_c.labels("c").inc()
+    assert samples_of("grouped_c") == samples_of("plain_c")
+
+
 def test_request_ids_are_unique_hex() -> None:
     from serving.recommend import _request_id
 
