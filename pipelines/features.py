@@ -483,17 +483,25 @@ class OnlineFeatureClient:
         conn.execute("PRAGMA synchronous=NORMAL")
 
     def _resolve_views(self) -> None:
-        """Resolve the user views (and their value types) once; the registry is not consulted per write."""
+        """Resolve the user views (and their value types) once; the registry is not consulted per
+        read or write. Reads skip Feast's max-age check (:meth:`_read_views`), so a view with a
+        ttl is refused here, at start, instead of being served past its age."""
         for view in S.USER_VIEWS:
             fv = self.store.get_feature_view(view)
+            if fv.ttl:
+                raise DataError(f"feature view {view!r} has ttl {fv.ttl}; the online reads assume ttl=0 "
+                                "(feature_defs.definitions)")
             self._views[view] = (fv, {f.name: f.dtype.to_value_type() for f in fv.features})
 
     # -- users --------------------------------------------------------------------------------
     def _read_users(self, user_ids: Sequence[str], refs: Sequence[str]) -> list[dict[str, Any]]:
-        resp = self.store.get_online_features(features=list(refs), entity_rows=[{S.USER_KEY: u} for u in user_ids])
-        cols = resp.to_dict()
-        names = [r.split(":", 1)[1] for r in refs]
-        return [{n: cols[n][i] for n in names} for i in range(len(user_ids))]
+        """The stored values of ``refs`` (``view:feature``) for each user (None where the store has
+        none): :meth:`_read_views`, which equals ``get_online_features`` for these views (tested)."""
+        columns: dict[str, list[str]] = {}
+        for ref in refs:
+            view, col = ref.split(":", 1)
+            columns.setdefault(view, []).append(col)
+        return self._read_views(user_ids, columns)[0]
 
     def user_features(self, user_id: str, *, now: datetime | float | None = None) -> dict[str, Any]:
         """The user's features of this service plus derived ones (recency, category affinity),
@@ -774,22 +782,33 @@ class OnlineFeatureClient:
         self._provider.online_write_batch(self.store.config, fv, data, progress=None)
 
     def _read_state(self, user_ids: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, datetime]]:
-        """Every stored user feature plus the event time the store holds for each user.
+        """Every stored user feature plus the event time the store holds for each user (to the
+        microsecond: ``get_online_features`` reports times only to the second, and Redis drops a
+        write whose event time is not strictly newer than the stored one)."""
+        return self._read_views(user_ids, {view: list(S.VIEW_COLUMNS[view]) for view in S.USER_VIEWS})
 
-        Goes through the provider's ``online_read`` (Feast's own read path, one call per user
-        view) because ``get_online_features`` reports times only to the second, and Redis drops
-        a write whose event time is not strictly newer than the stored one.
-        """
+    def _read_views(self, user_ids: Sequence[str], columns: Mapping[str, Sequence[str]],
+                    ) -> tuple[list[dict[str, Any]], dict[str, datetime]]:
+        """``columns`` of each user view for each user (None where the store has no value), and the
+        newest event time the store holds per user.
+
+        Through the provider's ``online_read``, one call per view: the read Feast's
+        ``get_online_features`` makes underneath, without that call's per-request work (feature
+        references resolved, entity rows and the response converted to and from protobuf; one
+        user's history: ~0.016 vs ~0.083 ms, measured on the development machine). The answers
+        are the same because every view has ``ttl=0`` (no max-age filtering:
+        ``feature_defs.definitions``; :meth:`_resolve_views` refuses a view with a ttl, whose
+        values would need Feast's own age check)."""
         from feast.type_map import feast_value_type_to_python_type
 
         keys = [_entity_key(S.USER_KEY, u) for u in user_ids]
         states: list[dict[str, Any]] = [{} for _ in user_ids]
         stored: dict[str, datetime] = {}
-        for view in S.USER_VIEWS:
-            rows = self._provider.online_read(config=self.store.config, table=self._views[view][0],
-                                              entity_keys=keys, requested_features=list(S.VIEW_COLUMNS[view]))
+        for view, cols in columns.items():
+            rows = self._provider.online_read(config=self.store.config, table=self._views[view][0], entity_keys=keys,
+                                              requested_features=list(cols))
             for i, (ts, values) in enumerate(rows):
-                for col in S.VIEW_COLUMNS[view]:
+                for col in cols:
                     proto = (values or {}).get(col)
                     states[i][col] = None if proto is None else feast_value_type_to_python_type(proto)
                 if ts is not None:

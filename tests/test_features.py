@@ -367,6 +367,30 @@ def test_apply_events_is_visible_immediately(store_settings, materialized) -> No
 
 
 @pytest.mark.slow  # importing Feast alone takes seconds
+@pytest.mark.slow
+def test_online_reads_equal_feasts_get_online_features(store_settings, materialized) -> None:
+    """User reads go through the provider's ``online_read`` (no per-call request building); they
+    must give exactly what ``get_online_features`` gives, for every column, a column subset,
+    unknown users and repeated users; a view with a ttl is refused at start."""
+    from datetime import timedelta
+
+    from core.schemas import DataError
+    from pipelines.features import OnlineFeatureClient
+
+    client = OnlineFeatureClient(store_settings, load_items=False)
+    users = ["u1", "u17", PIT_USER, "nobody", "u1"]
+    for refs in (client._user_refs, [r for r in client._user_refs if r.endswith(":recent_items")]):  # noqa: SLF001
+        resp = client.store.get_online_features(features=list(refs), entity_rows=[{S.USER_KEY: u} for u in users]).to_dict()
+        want = [{r.split(":", 1)[1]: resp[r.split(":", 1)[1]][i] for r in refs} for i in range(len(users))]
+        assert client._read_users(users, refs) == want  # noqa: SLF001
+    assert client._read_users(["nobody"], client._user_refs)[0] == {c: None for c in client.user_columns}  # noqa: SLF001
+    fv = client.store.get_feature_view(S.USER_HISTORY)
+    fv.ttl = timedelta(days=1)
+    client.store.get_feature_view = lambda name: fv if name == S.USER_HISTORY else type(client.store).get_feature_view(client.store, name)
+    with pytest.raises(DataError, match="ttl"):
+        client._resolve_views()  # noqa: SLF001
+
+
 def test_feastignore_leaves_only_the_declarations_module() -> None:
     from feast.repo_operations import get_repo_files
 
