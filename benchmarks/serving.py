@@ -256,6 +256,37 @@ def thread_cpu(pids: list[int]) -> dict[str, float]:
     return out
 
 
+def thread_sched(pids: list[int]) -> dict[str, tuple[int, int]]:
+    """Nanoseconds so far each of the workers' threads (summed by OS thread name) spent running and
+    runnable but waiting for a CPU (Linux ``/proc/<pid>/task/<tid>/schedstat``; empty elsewhere)."""
+    from core.threads import os_thread_names
+
+    out: dict[str, tuple[int, int]] = {}
+    for pid in pids:
+        for tid, name in os_thread_names(pid).items():
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    run, wait = (int(x) for x in f.read().split()[:2])
+            except (OSError, ValueError):
+                continue
+            label = "event-loop" if tid == pid else name
+            r, w = out.get(label, (0, 0))
+            out[label] = (r + run, w + wait)
+    return out
+
+
+def run_queue_wait(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seconds: float) -> dict[str, dict]:
+    """Per thread (all workers), ms per second of running and of waiting in the run queue over an
+    interval: a thread that waits about as long as it runs is starved of CPU, i.e. the machine is
+    saturated, whatever the request rate says."""
+    out = {}
+    for k, (run, wait) in after.items():
+        r0, w0 = before.get(k, (0, 0))
+        if run - r0 > 1e6 * seconds:  # threads busy < 1 ms/s are left out
+            out[k] = {"run_ms_per_s": round((run - r0) / 1e6 / seconds, 1), "run_queue_wait_ms_per_s": round((wait - w0) / 1e6 / seconds, 1)}
+    return out
+
+
 def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: float) -> dict[str, float]:
     """Server CPU ms per request, by thread: where the time goes (the model thread, the event loop ...)."""
     if requests <= 0:
@@ -334,12 +365,13 @@ def http_part(args, work: Path) -> dict:
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
             half = runs["recommend"][-1]["rps"] / 2
             before = rec_counters(srv.url)
-            cpu0 = thread_cpu(workers)
+            cpu0, sched0, t0 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
             ol_run = open_loop(srv.url, half, args.duration, users)
-            cpu1 = thread_cpu(workers)
+            cpu1, sched1, t1 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
             runs["open_loop_half"].append({"rate": round(half, 1), **ol_run, "load_avg": load_avg(),
                                            **model_served(before, rec_counters(srv.url)),
-                                           "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"])})
+                                           "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"]),
+                                           "server_threads_sched": run_queue_wait(sched0, sched1, t1 - t0)})
             runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections[0], duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
@@ -372,6 +404,7 @@ def http_part(args, work: Path) -> dict:
         "server_cpu_ms_per_request": runs["recommend"][len(runs["recommend"]) // 2].get("server_cpu_ms_per_request"),
         "open_loop_server_cpu_ms_per_request": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_cpu_ms_per_request"),
         "open_loop_client_cpu_ms_per_request": spread([x.get("client_cpu_ms_per_request") for x in runs["open_loop_half"]], digits=3).get("median"),
+        "open_loop_server_threads_sched": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_threads_sched"),
         "closed_loop_curve": closed_loop_curve(runs["sweep"]),
     })
     return res
@@ -418,7 +451,7 @@ def main() -> None:
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
                  "model_batch_size_mean", "server_cpu_ms_per_request", "open_loop_server_cpu_ms_per_request",
-                 "open_loop_client_cpu_ms_per_request", "closed_loop_curve")
+                 "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "closed_loop_curve")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -470,6 +503,12 @@ def _curve_md(curve: list[dict] | None) -> list[str]:
     return lines + [""]
 
 
+def _sched_md(sched: dict | None) -> str:
+    if not sched:
+        return "not measured"
+    return ", ".join(f"{k} {v['run_ms_per_s']} / {v['run_queue_wait_ms_per_s']}" for k, v in sched.items())
+
+
 def render_md(r: dict) -> str:
     s = r["spread"]
     hm, cm = r.get("http_measured", {}), r.get("catalog_measured", {})
@@ -504,7 +543,9 @@ def render_md(r: dict) -> str:
         f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
         f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}.", "",
         f"At half load (open loop, middle repeat) the server spent {r.get('open_loop_server_cpu_ms_per_request')} ms of CPU per "
-        f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats).", "",
+        f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats); "
+        f"the workers' threads (all workers, ms per second running / waiting in the run queue for a CPU): "
+        f"{_sched_md(r.get('open_loop_server_threads_sched'))}.", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
         f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
         "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",

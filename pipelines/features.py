@@ -423,8 +423,10 @@ class ItemTable:
 class OnlineFeatureClient:
     """Everything one recommendation request needs, within a ~1 ms budget.
 
-    - :meth:`user_features` reads the user's views through Feast's online store (one Feast
-      call, ~0.3-0.5 ms), behind a per-process TTL cache of ``features.online_cache_ttl_s``.
+    - :meth:`user_features` reads the user's views from Feast's online store through the
+      provider's ``online_read`` (one call per view; one user's history ~0.02 ms, against ~0.08
+      through ``get_online_features``), behind a per-process TTL cache of
+      ``features.online_cache_ttl_s``.
       :meth:`apply_events` in the same process updates the cache as it writes, so the process
       that logs an event sees it at once; *other* processes see it when their cache entry
       expires (at most the TTL later).
