@@ -36,6 +36,7 @@ class Metrics:
     swaps: Counter
     _children: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
     _pending: list[tuple[Any, float]] = field(default_factory=list, repr=False)  # (child, value) of this loop turn
+    _flush_on: Any = field(default=None, repr=False)  # the loop a flush is scheduled on, if any
 
     def child(self, name: str, *values: str) -> Any:
         """``getattr(self, name).labels(*values)``, cached: ``labels()`` validates the label values
@@ -58,15 +59,18 @@ class Metrics:
         updates were written after the response was sent already. Event-loop thread only; without
         a running loop the update is written at once."""
         self._pending.append((child, value))
-        if len(self._pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no running loop (a script, a test): write now
-                self.flush()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop (a script, a test): write now
+            self.flush()
+            return
+        if self._flush_on is not loop:  # none scheduled on this loop (a loop stopped before its flush ran: again here)
+            self._flush_on = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the pending updates, one write per touched counter and histogram bucket."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._flush_on = self._pending, [], None
         grouped: dict[int, tuple[Any, list[float]]] = {}
         for child, value in pending:
             entry = grouped.get(id(child))

@@ -191,6 +191,19 @@ def test_recorded_updates_of_a_loop_turn_equal_plain_updates() -> None:
     plain_c.labels("c").inc()
     assert samples_of("grouped_c") == samples_of("plain_c")
 
+    # a loop that stopped before its scheduled flush ran must not strand later updates
+    m._pending.append((grouped_c.labels("d"), 1.0))  # noqa: SLF001 - as left by a loop that stopped
+    m._flush_on = asyncio.new_event_loop()  # noqa: SLF001
+    m._flush_on.close()  # noqa: SLF001
+
+    async def later_turn() -> None:
+        m.record(grouped_c.labels("d"))
+        await asyncio.sleep(0)
+
+    asyncio.run(later_turn())
+    plain_c.labels("d").inc(2)
+    assert not m._pending and samples_of("grouped_c") == samples_of("plain_c")  # noqa: SLF001
+
 
 def test_request_ids_are_unique_hex() -> None:
     from serving.recommend import _request_id
