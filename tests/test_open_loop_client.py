@@ -1,0 +1,58 @@
+"""The serving benchmark's open-loop load generator against a minimal local HTTP server: every
+scheduled request is sent, answered ones are timed from their due time, non-200 answers and
+unanswered requests are errors (never silently dropped)."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.open_loop_client import run  # noqa: E402
+
+
+def test_open_loop_client_counts_every_request_and_its_outcome() -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            path = head.split(b" ", 2)[1]
+            seen.append(path)
+            if b"/slow" in path:
+                await asyncio.sleep(0.02)
+            ok = b"/missing" not in path
+            body = b'{"ok": true}' if ok else b'{"error": "unknown user"}'
+            status = b"200 OK" if ok else b"404 Not Found"
+            # headers and body in separate writes, as uvicorn sends them
+            writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                         + str(len(body)).encode() + b"\r\n\r\n")
+            await writer.drain()
+            writer.write(body)
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> dict:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await run("127.0.0.1", port, rate=200.0, duration=0.5, users=["a", "slow", "missing"], connections=4)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    res = asyncio.run(scenario())
+    assert res["sent"] == 100 and len(seen) == 100
+    assert all(p.startswith(b"/v1/recommendations/") and p.endswith(b"?k=20") for p in seen)
+    missing = sum(b"/missing" in p for p in seen)
+    assert 0 < missing < 100
+    assert res["errors"] == missing and res["ok"] == 100 - missing
+    assert res["error_kinds"] == {"non-200": missing}
+    slow = sum(b"/slow" in p for p in seen)
+    assert slow and res["p99_ms"] >= 20.0  # latency includes the server's time
+    assert 0 < res["p50_ms"] <= res["p95_ms"] <= res["p99_ms"]
+    assert res["client_cpu_ms_per_request"] > 0
