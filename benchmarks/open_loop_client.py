@@ -61,7 +61,8 @@ class Connection(asyncio.Protocol):
             if at < 0:
                 self.fail("response without content-length")
                 return
-            self.need = end + 4 + int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None])
+            line_end = head.find(b"\r\n", at)
+            self.need = end + 4 + int(head[at + 15:line_end if line_end > 0 else None])
             self.ok = head.startswith(b"http/1.1 200")
         if len(self.buf) >= self.need:
             del self.buf[:self.need]
