@@ -237,42 +237,36 @@ def worker_pids(root_pid: int) -> list[int]:
     return kids
 
 
-def thread_cpu(pids: list[int]) -> dict[str, float]:
-    """CPU seconds so far of the workers' threads, summed by OS thread name (``core.threads``); a
-    worker's main thread runs the event loop (it keeps the process's name, so ``ps`` still shows python)."""
+def _per_thread(pids: list[int], name: str, parse) -> dict[str, tuple]:
+    """``parse(text of /proc/<pid>/task/<tid>/<name>)`` for every thread of the workers, summed
+    element-wise by OS thread name (``core.threads``); a worker's main thread runs the event loop
+    (it keeps the process's name, so ``ps`` still shows python). Linux only (empty elsewhere)."""
     from core.threads import os_thread_names
 
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    out: dict[str, tuple] = {}
     for pid in pids:
-        for tid, name in os_thread_names(pid).items():
+        for tid, thread in os_thread_names(pid).items():
             try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    values = parse(f.read())
+            except (OSError, ValueError, IndexError):
                 continue
-            label = "event-loop" if tid == pid else name
-            out[label] = out.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            label = "event-loop" if tid == pid else thread
+            out[label] = tuple(x + y for x, y in zip(out.get(label, (0,) * len(values)), values))
     return out
+
+
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the workers' threads, by thread name (user + system time)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = _per_thread(pids, "stat", lambda text: tuple(int(v) for v in text.rsplit(")", 1)[1].split()[11:13]))
+    return {label: (utime + stime) / tick for label, (utime, stime) in stats.items()}
 
 
 def thread_sched(pids: list[int]) -> dict[str, tuple[int, int]]:
-    """Nanoseconds so far each of the workers' threads (summed by OS thread name) spent running and
-    runnable but waiting for a CPU (Linux ``/proc/<pid>/task/<tid>/schedstat``; empty elsewhere)."""
-    from core.threads import os_thread_names
-
-    out: dict[str, tuple[int, int]] = {}
-    for pid in pids:
-        for tid, name in os_thread_names(pid).items():
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    run, wait = (int(x) for x in f.read().split()[:2])
-            except (OSError, ValueError):
-                continue
-            label = "event-loop" if tid == pid else name
-            r, w = out.get(label, (0, 0))
-            out[label] = (r + run, w + wait)
-    return out
+    """Nanoseconds so far the workers' threads, by thread name, spent running and runnable but
+    waiting for a CPU (``schedstat``)."""
+    return _per_thread(pids, "schedstat", lambda text: tuple(int(v) for v in text.split()[:2]))
 
 
 def run_queue_wait(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seconds: float) -> dict[str, dict]:
