@@ -223,20 +223,6 @@ def model_served(before: dict[str, float], after: dict[str, float]) -> dict:
             "model_served_share": round(1 - fell / n, 4) if n else None}
 
 
-def worker_pids(root_pid: int) -> list[int]:
-    """The uvicorn worker processes under the server's supervisor (Linux /proc)."""
-    kids: list[int] = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == root_pid:
-                        kids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return kids
-
-
 def _per_thread(pids: list[int], name: str, parse) -> dict[str, tuple]:
     """``parse(text of /proc/<pid>/task/<tid>/<name>)`` for every thread of the workers, summed
     element-wise by OS thread name (``core.threads``); a worker's main thread runs the event loop
@@ -330,7 +316,7 @@ def http_part(args, work: Path) -> dict:
         res["setup"]["ready"] = info
         if info["detail"].get("ranker") != "ok":
             raise SystemExit(f"the server does not rank with the DLRM: {info['detail']}")
-        workers = worker_pids(srv.proc.pid)
+        workers = srv.child_pids()
         rec_lua = lua_recommend(users, work / "rec.lua")
         ev1 = lua_events(users, items, 1, work / "ev1.lua")
         ev50 = lua_events(users, items, 50, work / "ev50.lua")

@@ -279,6 +279,82 @@ def test_no_model_then_kill_9_then_restart_with_registry_down(world) -> None:
         assert c.post("/v1/events", headers=H, json={"user_id": "crash-user", "item_id": item}).status_code == 202
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes in LISTEN state on ``port`` (Linux /proc/net/tcp{,6})."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(f[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:["):-1])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_each_worker_listens_on_its_own_socket_and_a_dead_worker_is_replaced(world, server) -> None:
+    """``serving.reuse_port``: each worker has its own listening socket in the port's SO_REUSEPORT
+    group (the kernel spreads connections over them; one shared socket let one worker take a whole
+    burst of connections); the supervisor keeps no copy, so a killed worker's socket leaves the
+    group and new connections all reach the survivor until the supervisor's replacement listens."""
+    import os
+    import signal as sig
+
+    from serving.server import ReusePortSupervisor, reuse_port_supported
+
+    if not reuse_port_supported():
+        pytest.skip("SO_REUSEPORT spreading is Linux-only")
+    user = _known_user(world)
+
+    def listeners() -> dict[int, set[str]]:
+        inodes = _listening_inodes(server.port)
+        return {pid: _socket_inodes(pid) & inodes for pid in [server.proc.pid, *server.child_pids()]}
+
+    by_pid = listeners()
+    workers = [pid for pid in by_pid if pid != server.proc.pid and by_pid[pid]]
+    assert len(workers) == 2 and not by_pid[server.proc.pid], by_pid  # one each; none in the supervisor
+    assert len(by_pid[workers[0]] | by_pid[workers[1]]) == 2 and not by_pid[workers[0]] & by_pid[workers[1]]
+    # another server cannot join this port's group
+    from uvicorn import Config
+
+    with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{server.port}"):
+        ReusePortSupervisor(Config("serving.app:create_app", factory=True, host="127.0.0.1", port=server.port, workers=2))
+
+    os.kill(workers[0], sig.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline and len(_listening_inodes(server.port)) > 1:
+        time.sleep(0.05)
+    codes = [httpx.get(f"{server.url}/v1/recommendations/{user}", params={"k": 3}, timeout=60).status_code for _ in range(10)]
+    assert codes == [200] * 10  # fresh connections, all to the surviving worker
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        by_pid = listeners()
+        live = [pid for pid in by_pid if pid != server.proc.pid and by_pid[pid]]
+        if len(live) == 2:
+            break
+        time.sleep(0.5)
+    assert len(live) == 2 and workers[0] not in live and workers[1] in live, by_pid  # replaced, with a socket of its own
+    assert not by_pid[server.proc.pid]
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(lambda _: httpx.get(f"{server.url}/v1/recommendations/{user}", timeout=60).status_code, range(16)))
+    assert codes == [200] * 16
+
+
 def test_hot_swap_under_load_fails_no_request(world, server) -> None:
     """Move the two-tower alias to a new version while clients hammer the shared server: every
     request succeeds and the new version takes over without a restart. (Runs last: it moves
