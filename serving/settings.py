@@ -24,7 +24,9 @@ class ServingSettings(Section):
         True, description="With several workers on Linux: one listening socket per worker (SO_REUSEPORT), so the "
         "kernel spreads new connections over the workers by address hash. With uvicorn's one shared socket, the "
         "worker that wakes first accepts a whole burst of connections (measured: all 64 of a client's connections "
-        "on one worker in three of four starts), and the other worker idles while this one queues.")
+        "on one worker in three of four starts), and the other worker idles while this one queues. The price: each "
+        "worker batches half the traffic, so at low load a request costs more CPU (docs/serving.md, Workers and "
+        "connections).")
     # --- security and limits -------------------------------------------------------------
     api_key: str | None = Field(None, description="Key expected in the `api_key_header` header for writes/admin (None: writes need no key; only sensible locally).")
     api_key_header: str = "X-API-Key"
