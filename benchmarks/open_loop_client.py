@@ -98,6 +98,7 @@ class Client:
         self.errors: list[str] = []
         self.finished = False
         self.rng = random.Random(0)
+        self.fired = 0  # scheduled requests whose due time has come
 
     async def connect(self) -> None:
         try:
@@ -107,6 +108,7 @@ class Client:
             self.errors.append(f"connect: {exc!r}")
 
     def due(self, due: float) -> None:
+        self.fired += 1
         self.waiting.append(due)
         self.dispatch()
 
@@ -149,9 +151,10 @@ async def run(host: str, port: int, rate: float, duration: float, users: list[st
         client.reap()
         await asyncio.sleep(SLICE_S / 2)
     end = start + n / rate + TIMEOUT_S + 1.0
-    while (client.waiting or any(c.due is not None for c in client.conns)) and time.perf_counter() < end:
+    # every timer fires (the last were scheduled up to a slice ahead), then every request is answered
+    while (client.fired < n or client.waiting or any(c.due is not None for c in client.conns)) and time.perf_counter() < end:
         client.reap()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     client.finished = True
     for conn in list(client.conns):
@@ -159,8 +162,12 @@ async def run(host: str, port: int, rate: float, duration: float, users: list[st
     lat = sorted(client.latencies)
     q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None  # noqa: E731
     cpu_s = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
-    return {"sent": n, "ok": len(lat), "errors": len(client.errors) + len(client.waiting),
-            "error_kinds": dict(collections.Counter(client.errors).most_common(5)),
+    kinds = collections.Counter(client.errors)
+    unanswered = n - len(lat) - sum(kinds[k] for k in ("non-200", "timeout"))  # never sent, lost, or still out
+    if unanswered > 0:
+        kinds["unanswered"] = unanswered
+    return {"sent": n, "ok": len(lat), "errors": n - len(lat),  # every scheduled request not answered 200
+            "error_kinds": dict(kinds.most_common(6)),
             "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99), "connections": connections,
             "client_cpu_ms_per_request": round(cpu_s * 1000.0 / n, 4) if n else None}
 

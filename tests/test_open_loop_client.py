@@ -50,7 +50,7 @@ def test_open_loop_client_counts_every_request_and_its_outcome() -> None:
     assert all(p.startswith(b"/v1/recommendations/") and p.endswith(b"?k=20") for p in seen)
     missing = sum(b"/missing" in p for p in seen)
     assert 0 < missing < 100
-    assert res["errors"] == missing and res["ok"] == 100 - missing
+    assert res["errors"] == missing and res["ok"] == 100 - missing  # ok + errors == sent
     assert res["error_kinds"] == {"non-200": missing}
     slow = sum(b"/slow" in p for p in seen)
     assert slow and res["p99_ms"] >= 20.0  # latency includes the server's time
