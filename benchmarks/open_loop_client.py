@@ -86,10 +86,9 @@ class Connection(asyncio.Protocol):
 
 
 class Client:
-    def __init__(self, host: str, port: int, users: list[str], connections: int):
+    def __init__(self, host: str, port: int, users: list[str]):
         self.host, self.port = host, port
         self.paths = [f"/v1/recommendations/{u}?k=20".encode() for u in users]
-        self.connections = connections
         self.loop = asyncio.get_running_loop()
         self.idle: collections.deque[Connection] = collections.deque()
         self.waiting: collections.deque[float] = collections.deque()  # due times with no idle connection yet
@@ -133,7 +132,7 @@ class Client:
 
 
 async def run(host: str, port: int, rate: float, duration: float, users: list[str], connections: int) -> dict:
-    client = Client(host, port, users, connections)
+    client = Client(host, port, users)
     await asyncio.gather(*(client.connect() for _ in range(connections)))
     loop = client.loop
     n = int(rate * duration)

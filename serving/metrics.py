@@ -71,14 +71,10 @@ class Metrics:
     def flush(self) -> None:
         """Write the pending updates, one write per touched counter and histogram bucket."""
         pending, self._pending, self._flush_on = self._pending, [], None
-        grouped: dict[int, tuple[Any, list[float]]] = {}
+        grouped: dict[Any, list[float]] = {}  # metric children hash by identity
         for child, value in pending:
-            entry = grouped.get(id(child))
-            if entry is None:
-                grouped[id(child)] = (child, [value])
-            else:
-                entry[1].append(value)
-        for child, values in grouped.values():
+            grouped.setdefault(child, []).append(value)
+        for child, values in grouped.items():
             if isinstance(child, Histogram):
                 observe_values(child, values)
             else:
