@@ -21,6 +21,26 @@ def name_os_thread(name: str | None = None) -> None:
         pass
 
 
+def yield_cpu_to_other_threads(nice: int) -> str | None:
+    """Schedule the calling thread as CPU-bound background work (Linux): ``SCHED_BATCH`` (the
+    scheduler does not let it preempt a thread that wakes up) at niceness ``nice`` (a smaller CPU
+    share while others are runnable). Lowering is always allowed without privileges; ``nice <= 0``
+    leaves the thread as it is. Returns why it could not be done (``None``: done, or nothing to
+    do), so the caller reports it: a priority is a tuning, never a reason not to serve."""
+    import os
+
+    if nice <= 0:
+        return None
+    if not sys.platform.startswith("linux"):
+        return f"thread priorities are set on Linux only (this is {sys.platform})"
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread (Linux)
+        os.setpriority(os.PRIO_PROCESS, 0, nice)  # Linux: PRIO_PROCESS with 0 is the calling thread's nice
+    except (OSError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def os_thread_names(pid: int) -> dict[int, str]:
     """``{tid: OS thread name}`` of a process (Linux ``/proc``; empty elsewhere)."""
     import os

@@ -51,7 +51,9 @@ class MicroBatcher:
     """Collects concurrent jobs and runs ``fn(jobs)`` on one worker thread (see module docstring)."""
 
     def __init__(self, fn: Callable[[list[ModelJob]], list[Any]], *, max_batch: int = 64, wait_ms: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None, name: str = "model"):
+                 on_batch: Callable[[int], None] | None = None, name: str = "model", nice: int = 0):
+        """``nice > 0``: the batch thread runs as background CPU work (``core.threads.
+        yield_cpu_to_other_threads``; ``serving.model_thread_nice`` says why)."""
         self.fn = fn
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
@@ -59,10 +61,8 @@ class MicroBatcher:
         self._pending: list[ModelJob] = []
         self._draining = False
         self._filled: asyncio.Event | None = None  # set while lingering: the queue reached max_batch
-        from core.threads import name_os_thread
-
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=name_os_thread,
-                                                               initargs=(name,))
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_setup_thread,
+                                                               initargs=(name, nice))
 
     def enqueue(self, user_id: str, k: int, history: list[str] | None) -> asyncio.Future:
         """Queue a job; returns its future. Cancel the future when its caller gives up (deadline):
@@ -121,6 +121,15 @@ class MicroBatcher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _setup_thread(name: str, nice: int) -> None:
+    from core.threads import name_os_thread, yield_cpu_to_other_threads
+
+    name_os_thread(name)
+    why = yield_cpu_to_other_threads(nice)
+    if why:
+        log.warning("the %s thread keeps its normal priority: %s", name, why)
 
 
 _ID_STATE: tuple[int, str] = (0, "")  # (pid, random prefix): a forked child draws its own prefix

@@ -45,6 +45,12 @@ class ServingSettings(Section):
     microbatch_wait_ms: float = Field(0.0, ge=0, description="Linger: a micro-batch smaller than microbatch_max starts once "
                                       "its oldest request has waited this long (0: take whatever is queued).")
     model_threads: int = Field(1, ge=1, description="Torch intra-op threads per worker (1 per worker on small machines).")
+    model_thread_nice: int = Field(
+        10, ge=0, le=19, description="The model thread of each worker runs as background CPU work (Linux "
+        "SCHED_BATCH at this niceness; 0: normal scheduling like the other threads). It is busy whenever "
+        "requests are queued, so under load it is always runnable; at normal priority it competes on equal "
+        "terms with the event loops, which then wait for a CPU before they can parse, respond or hand it the "
+        "next batch. Lowered, it takes the CPU time the loops leave (measured in docs/serving.md).")
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, description="CPython's GIL switch interval in a worker (default 5 ms). The event loop, the "
         "feature-read thread and the model thread share one GIL; a thread that wants it waits up to this long, "

@@ -143,7 +143,7 @@ async def build_state(settings: "Settings") -> ServingState:
     state = ServingState(settings=settings, metrics=m, log=log_, popularity=popularity, catalog=catalog,
                          models=models, features=features, batcher=None, log_ok=log_ok)  # type: ignore[arg-type]
     state.batcher = MicroBatcher(lambda jobs: run_model_batch(state, jobs), max_batch=settings.serving.microbatch_max,
-                                 wait_ms=settings.serving.microbatch_wait_ms,
+                                 wait_ms=settings.serving.microbatch_wait_ms, nice=settings.serving.model_thread_nice,
                                  on_batch=lambda n: m.batch_size.observe(n))
     m.ready.set(1 if state.is_ready() else 0)
     return state

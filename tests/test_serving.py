@@ -9,7 +9,9 @@ runs last on the shared server."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -63,6 +65,20 @@ def _client(srv) -> httpx.Client:
     return httpx.Client(base_url=srv.url, timeout=60.0)
 
 
+def _thread_sched(pids: list[int]) -> list[tuple[str, tuple[int, int]]]:
+    """(OS thread name, (scheduling policy, nice)) of every thread of the worker processes; a
+    worker's main thread (its event loop) is named ``event-loop`` (Linux ``/proc``)."""
+    from core.threads import os_thread_names
+
+    out = []
+    for pid in pids:
+        for tid, name in os_thread_names(pid).items():
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # fields 3.. of proc(5): nice is 19, policy 41
+            out.append(("event-loop" if tid == pid else name, (int(fields[38]), int(fields[16]))))
+    return out
+
+
 def _known_user(world) -> str:
     return str(world["dataset"].events["user_id"].iloc[0])
 
@@ -113,6 +129,11 @@ def test_ready_happy_path_ranked_by_dlrm_and_metrics(world, server) -> None:
     # many connections so both workers answer, then /metrics aggregates them
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         list(ex.map(lambda _: httpx.get(f"{server.url}/v1/recommendations/{user}", timeout=60), range(32)))
+    if sys.platform.startswith("linux"):  # serving.model_thread_nice: the model threads yield the CPU to the event loops
+        sched = _thread_sched(server.child_pids())
+        model = [v for name, v in sched if name == "model"]
+        assert model and all(v == (os.SCHED_BATCH, s.serving.model_thread_nice) for v in model), sched
+        assert all(v == (os.SCHED_OTHER, 0) for name, v in sched if name == "event-loop"), sched
     text = c.get("/metrics").text
     for needle in ('recsys_stage_seconds_bucket{le="0.005",stage="features"}', 'stage="retrieval"', 'stage="ranking"',
                    'stage="total"', f'recsys_model_info{{alias="champion",model="two_tower",version="{world["version"]}"}} 1.0',

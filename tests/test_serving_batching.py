@@ -224,3 +224,31 @@ def test_history_rows_are_distinct_known_items_per_request():
     assert m.shape == (4, 6) and m.has_sorted_indices
     assert m.toarray().tolist() == [[0, 1, 0, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 1], [0] * 6]
     assert eng._history_matrix([]).shape == (0, 6)  # noqa: SLF001
+
+
+def test_batch_thread_runs_as_background_cpu_work_and_the_caller_is_untouched() -> None:
+    """``nice``: the batch thread is SCHED_BATCH at that niceness (``serving.model_thread_nice``:
+    the event loop preempts it); the thread that owns the batcher keeps its priority."""
+    import os
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("thread priorities are set on Linux only")
+    from serving.recommend import MicroBatcher
+
+    def fn(jobs):
+        return [(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))] * len(jobs)
+
+    async def scenario(nice: int):
+        b = MicroBatcher(fn, max_batch=8, nice=nice)
+        try:
+            return await b.enqueue("a", 1, None)
+        finally:
+            b.close()
+
+    caller = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+    assert asyncio.run(scenario(7)) == (os.SCHED_BATCH, 7)
+    assert asyncio.run(scenario(0)) == caller  # 0: scheduled like the thread that made it
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == caller
