@@ -14,7 +14,8 @@ searches, and costs several times less (it reports its own CPU per request).
 
     python benchmarks/open_loop_client.py HOST PORT RATE DURATION_S USERS_JSON [CONNECTIONS]
 
-Prints one JSON line: sent, ok, errors, p50/p95/p99 ms, client CPU ms per request.
+Prints one JSON line: sent, ok, errors, p50/p95/p99 ms, client CPU ms per request, and where the
+time of the median and of the slowest 1% of requests went (the server's own ``timings_ms``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,36 @@ import time
 
 TIMEOUT_S = 5.0
 SLICE_S = 0.05  # timers are scheduled this far ahead, so a long run does not hold every handle at once
+
+
+def server_timings(buf: bytearray, end: int) -> dict | None:
+    """The response's ``timings_ms`` object (the server's own stage times; ``None`` without one):
+    a bytes search and a small ``json.loads``, not a parse of the whole body."""
+    at = buf.find(b'"timings_ms":', 0, end)
+    if at < 0:
+        return None
+    close = buf.find(b"}", at, end)
+    try:
+        return json.loads(bytes(buf[at + 13:close + 1])) if close > 0 else None
+    except ValueError:
+        return None
+
+
+def where_time_went(latencies: list[float], timings: list[dict | None], lo: float, hi: float) -> dict | None:
+    """Means over the answered requests whose latency ranks in ``[lo, hi)`` (fractions): the
+    client's latency, the server's ``total`` (handler start to end), its ``model`` (the wall time of
+    the micro-batch the request rode) and ``features``, and the rest of the latency (the request
+    waiting for the server's event loop or the client's, and the network) -- which part of a slow
+    request was the handler's."""
+    rows = sorted((lat, t) for lat, t in zip(latencies, timings) if t and "total" in t)
+    part = rows[int(lo * len(rows)):max(int(hi * len(rows)), int(lo * len(rows)) + 1)] if rows else []
+    if not part:
+        return None
+    mean = lambda f: round(sum(f(lat, t) for lat, t in part) / len(part), 3)  # noqa: E731
+    return {"requests": len(part), "latency_ms": mean(lambda lat, t: lat), "server_total_ms": mean(lambda lat, t: t["total"]),
+            "server_model_ms": mean(lambda lat, t: t.get("model", 0.0)),
+            "server_features_ms": mean(lambda lat, t: t.get("features", 0.0)),
+            "outside_server_ms": mean(lambda lat, t: lat - t["total"])}
 
 
 class Connection(asyncio.Protocol):
@@ -65,9 +96,10 @@ class Connection(asyncio.Protocol):
             self.need = end + 4 + int(head[at + 15:line_end if line_end > 0 else None])
             self.ok = head.startswith(b"http/1.1 200")
         if len(self.buf) >= self.need:
+            timings = server_timings(self.buf, self.need) if self.ok else None
             del self.buf[:self.need]
             due, self.due, self.need = self.due, None, None
-            self.client.done(self, due, self.ok)
+            self.client.done(self, due, self.ok, timings)
 
     def fail(self, why: str) -> None:
         self.client.errors.append(why)
@@ -94,6 +126,7 @@ class Client:
         self.waiting: collections.deque[float] = collections.deque()  # due times with no idle connection yet
         self.conns: set[Connection] = set()
         self.latencies: list[float] = []
+        self.timings: list[dict | None] = []  # the server's own timings_ms of each answered request
         self.errors: list[str] = []
         self.finished = False
         self.rng = random.Random(0)
@@ -115,9 +148,10 @@ class Client:
         while self.waiting and self.idle:
             self.idle.popleft().send(self.waiting.popleft(), self.rng.choice(self.paths))
 
-    def done(self, conn: Connection, due: float, ok: bool) -> None:
+    def done(self, conn: Connection, due: float, ok: bool, timings: dict | None = None) -> None:
         if ok:
             self.latencies.append((time.perf_counter() - due) * 1000.0)
+            self.timings.append(timings)
         else:
             self.errors.append("non-200")
         self.idle.append(conn)
@@ -168,6 +202,8 @@ async def run(host: str, port: int, rate: float, duration: float, users: list[st
     return {"sent": n, "ok": len(lat), "errors": n - len(lat),  # every scheduled request not answered 200
             "error_kinds": dict(kinds.most_common(6)),
             "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99), "connections": connections,
+            "where_time_went": {"p45_p55": where_time_went(client.latencies, client.timings, 0.45, 0.55),
+                                "slowest_1pct": where_time_went(client.latencies, client.timings, 0.99, 1.0)},
             "client_cpu_ms_per_request": round(cpu_s * 1000.0 / n, 4) if n else None}
 
 

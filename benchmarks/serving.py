@@ -385,6 +385,7 @@ def http_part(args, work: Path) -> dict:
         "open_loop_server_cpu_ms_per_request": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_cpu_ms_per_request"),
         "open_loop_client_cpu_ms_per_request": spread([x.get("client_cpu_ms_per_request") for x in runs["open_loop_half"]], digits=3).get("median"),
         "open_loop_server_threads_sched": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_threads_sched"),
+        "open_loop_where_time_went": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("where_time_went"),
         "closed_loop_curve": closed_loop_curve(runs["sweep"]),
     })
     return res
@@ -431,7 +432,8 @@ def main() -> None:
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
                  "model_batch_size_mean", "server_cpu_ms_per_request", "open_loop_server_cpu_ms_per_request",
-                 "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "closed_loop_curve")
+                 "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "open_loop_where_time_went",
+                 "closed_loop_curve")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -489,6 +491,16 @@ def _sched_md(sched: dict | None) -> str:
     return ", ".join(f"{k} {v['run_ms_per_s']} / {v['run_queue_wait_ms_per_s']}" for k, v in sched.items())
 
 
+def _time_went_md(went: dict | None) -> str:
+    """One sentence per latency band of the open-loop client's ``where_time_went``."""
+    if not went:
+        return "not measured"
+    names = {"p45_p55": "around the median", "slowest_1pct": "the slowest 1%"}
+    return "; ".join(f"{names.get(k, k)}: {v['latency_ms']} ms, of which the handler {v['server_total_ms']} (the micro-batch it rode "
+                     f"{v['server_model_ms']}, the feature read {v['server_features_ms']}) and {v['outside_server_ms']} outside it"
+                     for k, v in went.items() if v)
+
+
 def render_md(r: dict) -> str:
     s = r["spread"]
     hm, cm = r.get("http_measured", {}), r.get("catalog_measured", {})
@@ -525,7 +537,9 @@ def render_md(r: dict) -> str:
         f"At half load (open loop, middle repeat) the server spent {r.get('open_loop_server_cpu_ms_per_request')} ms of CPU per "
         f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats); "
         f"the workers' threads (all workers, ms per second running / waiting in the run queue for a CPU): "
-        f"{_sched_md(r.get('open_loop_server_threads_sched'))}.", "",
+        f"{_sched_md(r.get('open_loop_server_threads_sched'))}. Where a request's time went (mean latency of the band, "
+        f"middle repeat; the handler's times are the server's own `timings_ms`, outside it is waiting for an event loop "
+        f"and the network): {_time_went_md(r.get('open_loop_where_time_went'))}.", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
         f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
         "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",

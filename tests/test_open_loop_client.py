@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.open_loop_client import run  # noqa: E402
@@ -27,6 +29,8 @@ def test_open_loop_client_counts_every_request_and_its_outcome() -> None:
                 await asyncio.sleep(0.02)
             ok = b"/missing" not in path
             body = b'{"ok": true}' if ok else b'{"error": "unknown user"}'
+            if b"/slow" in path:  # as the recommendation route: the server's own stage times last
+                body = b'{"items": [], "timings_ms": {"features": 0.5, "model": 15.0, "total": 20.0}}'
             status = b"200 OK" if ok else b"404 Not Found"
             # headers and body in separate writes, as uvicorn sends them
             writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
@@ -56,3 +60,8 @@ def test_open_loop_client_counts_every_request_and_its_outcome() -> None:
     assert slow and res["p99_ms"] >= 20.0  # latency includes the server's time
     assert 0 < res["p50_ms"] <= res["p95_ms"] <= res["p99_ms"]
     assert res["client_cpu_ms_per_request"] > 0
+    # the slowest request is a /slow one: its server-side times come from its body
+    tail = res["where_time_went"]["slowest_1pct"]
+    assert tail["requests"] == 1 and tail["server_total_ms"] == 20.0 and tail["server_model_ms"] == 15.0
+    assert tail["server_features_ms"] == 0.5 and tail["outside_server_ms"] == pytest.approx(tail["latency_ms"] - 20.0, abs=1e-3)
+    assert tail["latency_ms"] >= 20.0 and res["where_time_went"]["p45_p55"]["requests"] >= 1
