@@ -50,7 +50,9 @@ class ServingSettings(Section):
         "SCHED_BATCH at this niceness; 0: normal scheduling like the other threads). It is busy whenever "
         "requests are queued, so under load it is always runnable; at normal priority it competes on equal "
         "terms with the event loops, which then wait for a CPU before they can parse, respond or hand it the "
-        "next batch. Lowered, it takes the CPU time the loops leave (measured in docs/serving.md).")
+        "next batch. Lowered, it takes the CPU time the loops leave (measured in docs/serving.md). On a host "
+        "shared with other CPU-bound processes it also yields to them (nice 10 weighs ~1/10 of a normal thread): "
+        "set 0 there, or give the server its own CPUs.")
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, description="CPython's GIL switch interval in a worker (default 5 ms). The event loop, the "
         "feature-read thread and the model thread share one GIL; a thread that wants it waits up to this long, "

@@ -65,3 +65,26 @@ def test_open_loop_client_counts_every_request_and_its_outcome() -> None:
     assert tail["requests"] == 1 and tail["server_total_ms"] == 20.0 and tail["server_model_ms"] == 15.0
     assert tail["server_features_ms"] == 0.5 and tail["outside_server_ms"] == pytest.approx(tail["latency_ms"] - 20.0, abs=1e-3)
     assert tail["latency_ms"] >= 20.0 and res["where_time_went"]["p45_p55"]["requests"] >= 1
+
+
+def test_latency_starts_at_the_due_time_or_at_an_early_send() -> None:
+    """A timer that fires before the due time (uvloop's clock has millisecond steps) sends early:
+    that request's latency counts from its send, not from the later due time; a late send is
+    charged from the due time (the client's queue counts)."""
+    import time
+
+    from benchmarks.open_loop_client import Client, Connection
+
+    async def scenario() -> list[float]:
+        client = Client("127.0.0.1", 9, ["u"])
+        conn = Connection(client)
+        conn.transport = type("T", (), {"write": lambda self, data: None})()
+        now = time.perf_counter()
+        for due, sent in ((now + 1.0, now - 0.004), (now - 0.006, now - 0.001)):  # early, then late
+            conn.send(due, b"/v1/recommendations/u?k=20")
+            conn.sent = sent
+            conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        return client.latencies
+
+    early, late = asyncio.run(scenario())
+    assert 4.0 <= early < 100.0 and 6.0 <= late < 100.0
