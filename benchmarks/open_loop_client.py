@@ -51,7 +51,7 @@ def where_time_went(latencies: list[float], timings: list[dict | None], lo: floa
     the micro-batch the request rode) and ``features``, and the rest of the latency (the request
     waiting for the server's event loop or the client's, and the network) -- which part of a slow
     request was the handler's."""
-    rows = sorted((lat, t) for lat, t in zip(latencies, timings) if t and "total" in t)
+    rows = sorted(((lat, t) for lat, t in zip(latencies, timings) if t and "total" in t), key=lambda row: row[0])
     part = rows[int(lo * len(rows)):max(int(hi * len(rows)), int(lo * len(rows)) + 1)] if rows else []
     if not part:
         return None

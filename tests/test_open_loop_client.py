@@ -88,3 +88,14 @@ def test_latency_starts_at_the_due_time_or_at_an_early_send() -> None:
 
     early, late = asyncio.run(scenario())
     assert 4.0 <= early < 100.0 and 6.0 <= late < 100.0
+
+
+def test_where_time_went_bands_by_latency_with_ties() -> None:
+    from benchmarks.open_loop_client import where_time_went
+
+    lat = [5.0, 5.0, 1.0, 9.0, 5.0]  # equal latencies: rows are ordered by latency alone
+    t = [{"total": 4.0, "model": 2.0}, {"total": 3.0}, {"total": 0.5, "features": 0.1}, {"total": 8.0, "model": 6.0}, None]
+    assert where_time_went(lat, t, 0.99, 1.0) == {"requests": 1, "latency_ms": 9.0, "server_total_ms": 8.0,
+                                                  "server_model_ms": 6.0, "server_features_ms": 0.0, "outside_server_ms": 1.0}
+    assert where_time_went(lat, t, 0.0, 0.25)["latency_ms"] == 1.0  # the fastest of the four with timings
+    assert where_time_went([], [], 0.99, 1.0) is None
