@@ -22,9 +22,9 @@ def name_os_thread(name: str | None = None) -> None:
 
 
 def yield_cpu_to_other_threads(nice: int) -> str | None:
-    """Schedule the calling thread as CPU-bound background work (Linux): ``SCHED_BATCH`` (the
-    scheduler does not let it preempt a thread that wakes up) at niceness ``nice`` (a smaller CPU
-    share while others are runnable). Lowering is always allowed without privileges; ``nice <= 0``
+    """Schedule the calling thread as CPU-bound background work (Linux): ``SCHED_BATCH`` (it never
+    preempts a running thread when it wakes) at niceness ``nice`` (a smaller CPU share while others
+    are runnable, so a waking normal thread gets the CPU sooner). Lowering is always allowed without privileges; ``nice <= 0``
     leaves the thread as it is. Returns why it could not be done (``None``: done, or nothing to
     do), so the caller reports it: a priority is a tuning, never a reason not to serve."""
     import os
