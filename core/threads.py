@@ -24,9 +24,10 @@ def name_os_thread(name: str | None = None) -> None:
 def yield_cpu_to_other_threads(nice: int) -> str | None:
     """Schedule the calling thread as CPU-bound background work (Linux): ``SCHED_BATCH`` (it never
     preempts a running thread when it wakes) at niceness ``nice`` (a smaller CPU share while others
-    are runnable, so a waking normal thread gets the CPU sooner). Lowering is always allowed without privileges; ``nice <= 0``
-    leaves the thread as it is. Returns why it could not be done (``None``: done, or nothing to
-    do), so the caller reports it: a priority is a tuning, never a reason not to serve."""
+    are runnable, so a waking normal thread gets the CPU sooner). Only ever lowers: a thread already
+    nicer keeps its niceness, and lowering needs no privilege. ``nice <= 0`` leaves the thread as it
+    is. Returns why it could not be done (``None``: done, or nothing to do), so the caller reports
+    it: a priority is a tuning, never a reason not to serve."""
     import os
 
     if nice <= 0:
@@ -35,7 +36,8 @@ def yield_cpu_to_other_threads(nice: int) -> str | None:
         return f"thread priorities are set on Linux only (this is {sys.platform})"
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread (Linux)
-        os.setpriority(os.PRIO_PROCESS, 0, nice)  # Linux: PRIO_PROCESS with 0 is the calling thread's nice
+        # Linux: PRIO_PROCESS with 0 is the calling thread's nice; never raised (that needs a privilege)
+        os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
     except (OSError, AttributeError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
