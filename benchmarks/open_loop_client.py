@@ -32,15 +32,20 @@ TIMEOUT_S = 5.0
 SLICE_S = 0.05  # timers are scheduled this far ahead, so a long run does not hold every handle at once
 
 
-def server_timings(buf: bytearray, end: int) -> dict | None:
-    """The response's ``timings_ms`` object (the server's own stage times; ``None`` without one):
-    a bytes search and a small ``json.loads``, not a parse of the whole body."""
+def timings_text(buf: bytearray, end: int) -> bytes | None:
+    """The response's ``timings_ms`` object as raw JSON text (the server's own stage times; ``None``
+    without one): a bytes search and a slice per response, parsed only after the measured run
+    (:func:`parse_timings`), so the client spends no CPU on it while the server is measured."""
     at = buf.find(b'"timings_ms":', 0, end)
     if at < 0:
         return None
     close = buf.find(b"}", at, end)
+    return bytes(buf[at + 13:close + 1]) if close > 0 else None
+
+
+def parse_timings(text: bytes | None) -> dict | None:
     try:
-        return json.loads(bytes(buf[at + 13:close + 1])) if close > 0 else None
+        return json.loads(text) if text else None
     except ValueError:
         return None
 
@@ -98,7 +103,7 @@ class Connection(asyncio.Protocol):
             self.need = end + 4 + int(head[at + 15:line_end if line_end > 0 else None])
             self.ok = head.startswith(b"http/1.1 200")
         if len(self.buf) >= self.need:
-            timings = server_timings(self.buf, self.need) if self.ok else None
+            timings = timings_text(self.buf, self.need) if self.ok else None
             del self.buf[:self.need]
             due, self.due, self.need = self.due, None, None
             self.client.done(self, min(due, self.sent), self.ok, timings)
@@ -128,7 +133,7 @@ class Client:
         self.waiting: collections.deque[float] = collections.deque()  # due times with no idle connection yet
         self.conns: set[Connection] = set()
         self.latencies: list[float] = []
-        self.timings: list[dict | None] = []  # the server's own timings_ms of each answered request
+        self.timings: list[bytes | None] = []  # the server's own timings_ms of each answered request (raw)
         self.errors: list[str] = []
         self.finished = False
         self.rng = random.Random(0)
@@ -150,7 +155,7 @@ class Client:
         while self.waiting and self.idle:
             self.idle.popleft().send(self.waiting.popleft(), self.rng.choice(self.paths))
 
-    def done(self, conn: Connection, start: float, ok: bool, timings: dict | None = None) -> None:
+    def done(self, conn: Connection, start: float, ok: bool, timings: bytes | None = None) -> None:
         """``start``: the request's due time, or its send time when the loop's timer fired early
         (uvloop's clock has millisecond steps): latency never counts time before the request left."""
         if ok:
@@ -193,6 +198,7 @@ async def run(host: str, port: int, rate: float, duration: float, users: list[st
         client.reap()
         await asyncio.sleep(0.01)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    timings = [parse_timings(t) for t in client.timings]  # after the measured run: not the client's CPU per request
     client.finished = True
     for conn in list(client.conns):
         conn.transport.close()
@@ -206,8 +212,8 @@ async def run(host: str, port: int, rate: float, duration: float, users: list[st
     return {"sent": n, "ok": len(lat), "errors": n - len(lat),  # every scheduled request not answered 200
             "error_kinds": dict(kinds.most_common(6)),
             "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99), "connections": connections,
-            "where_time_went": {"p45_p55": where_time_went(client.latencies, client.timings, 0.45, 0.55),
-                                "slowest_1pct": where_time_went(client.latencies, client.timings, 0.99, 1.0)},
+            "where_time_went": {"p45_p55": where_time_went(client.latencies, timings, 0.45, 0.55),
+                                "slowest_1pct": where_time_went(client.latencies, timings, 0.99, 1.0)},
             "client_cpu_ms_per_request": round(cpu_s * 1000.0 / n, 4) if n else None}
 
 
