@@ -225,20 +225,17 @@ def model_served(before: dict[str, float], after: dict[str, float]) -> dict:
 
 def _per_thread(pids: list[int], name: str, parse) -> dict[str, tuple]:
     """``parse(text of /proc/<pid>/task/<tid>/<name>)`` for every thread of the workers, summed
-    element-wise by OS thread name (``core.threads``); a worker's main thread runs the event loop
-    (it keeps the process's name, so ``ps`` still shows python). Linux only (empty elsewhere)."""
-    from core.threads import os_thread_names
+    element-wise by thread label (``core.threads.thread_proc_files``: the OS thread name,
+    ``event-loop`` for a worker's main thread). Linux only (empty elsewhere)."""
+    from core.threads import thread_proc_files
 
     out: dict[str, tuple] = {}
-    for pid in pids:
-        for tid, thread in os_thread_names(pid).items():
-            try:
-                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
-                    values = parse(f.read())
-            except (OSError, ValueError, IndexError):
-                continue
-            label = "event-loop" if tid == pid else thread
-            out[label] = tuple(x + y for x, y in zip(out.get(label, (0,) * len(values)), values))
+    for label, text in thread_proc_files(pids, name):
+        try:
+            values = parse(text)
+        except (ValueError, IndexError):
+            continue
+        out[label] = tuple(x + y for x, y in zip(out.get(label, (0,) * len(values)), values))
     return out
 
 

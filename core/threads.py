@@ -59,3 +59,19 @@ def os_thread_names(pid: int) -> dict[int, str]:
         except OSError:
             continue
     return out
+
+
+def thread_proc_files(pids: "list[int]", name: str) -> "list[tuple[str, str]]":
+    """``(label, text of /proc/<pid>/task/<tid>/<name>)`` for every thread of the processes: the
+    label is the OS thread name, ``event-loop`` for a process's main thread (a serving worker's
+    main thread runs its event loop and keeps the process's name). Threads that exit meanwhile
+    are skipped; empty where there is no ``/proc``."""
+    out = []
+    for pid in pids:
+        for tid, thread in os_thread_names(pid).items():
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    out.append(("event-loop" if tid == pid else thread, f.read()))
+            except OSError:
+                continue
+    return out

@@ -68,14 +68,12 @@ def _client(srv) -> httpx.Client:
 def _thread_sched(pids: list[int]) -> list[tuple[str, tuple[int, int]]]:
     """(OS thread name, (scheduling policy, nice)) of every thread of the worker processes; a
     worker's main thread (its event loop) is named ``event-loop`` (Linux ``/proc``)."""
-    from core.threads import os_thread_names
+    from core.threads import thread_proc_files
 
     out = []
-    for pid in pids:
-        for tid, name in os_thread_names(pid).items():
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # fields 3.. of proc(5): nice is 19, policy 41
-            out.append(("event-loop" if tid == pid else name, (int(fields[38]), int(fields[16]))))
+    for label, text in thread_proc_files(pids, "stat"):
+        fields = text.rsplit(")", 1)[1].split()  # fields 3.. of proc(5): nice is 19, policy 41
+        out.append((label, (int(fields[38]), int(fields[16]))))
     return out
 
 
