@@ -579,6 +579,11 @@ class DLRMScorer:
         self.precision = self._over_mlp.precision
         return self
 
+    @property
+    def mlp_backends(self) -> dict[str, str]:
+        """The GEMM each request-path MLP runs on (``models.inference.LinearStack.backend``)."""
+        return {"dense": self._dense_mlp.backend, "over": (self._over_mlp_grouped or self._over_mlp).backend}
+
     # -- int8 -------------------------------------------------------------------------------
     def quantize(self) -> "DLRMScorer":
         """Row-wise int8 embeddings (fbgemm fused 8-bit rows: scale + bias per row): ~4x smaller tables."""

@@ -9,6 +9,11 @@ one pass: the same fp32 numbers ~2x faster here. On CPUs with native bf16 matrix
 from fp32 by ~1e-2 relative, which barely moves a ranking (``tests/test_inference.py`` bounds
 it), so ``auto`` picks bf16 only where the hardware makes it pay.
 
+Which fp32 GEMM is faster depends on the CPU: oneDNN's fused op was ~2x faster on the Intel
+development machine, MKL's ``F.linear`` (the module's own kernel) 1.1-2x faster at every row
+count on an AVX2 AMD EPYC. A stack therefore times both on its own layer shapes once per process
+and keeps the faster (``backend="auto"``, the default; ``onednn`` / ``mkl`` force one).
+
 The module reads weights from an ``nn.Linear`` list and keeps its own copies: the trained
 module is left untouched (offline evaluation keeps using it in fp32).
 """
@@ -31,6 +36,14 @@ ROW_BUCKET = 256
 #: (~10 us) is then most of the time (measured here: 8 rows 4.8 vs 14.3 us a layer); the numbers are
 #: ``nn.Linear``'s own. bf16 stays on oneDNN at every size (MKL has no faster bf16 path).
 SMALL_FP32_ROWS = 64
+Backend = Literal["auto", "onednn", "mkl"]
+BACKENDS = ("auto", "onednn", "mkl")
+#: row counts at which ``auto`` times both fp32 backends: a one-request and a few-request
+#: micro-batch of 500 candidates, the serving path's usual sizes
+PROBE_ROWS = (512, 2048)
+#: per process, per stack shape (torch's thread count, layers' weight shapes, ReLU flags): is oneDNN the faster fp32
+#: backend here? Measured once, so building many stacks (tests, hot swaps) pays it once.
+_ONEDNN_FASTER: dict[tuple, bool] = {}
 
 
 def native_bf16() -> bool:
@@ -72,11 +85,14 @@ class LinearStack:
     after every layer; ``OverArch`` after all but the last). Input and output are fp32 tensors
     whatever the compute precision."""
 
-    def __init__(self, linears: Sequence["torch.nn.Linear"], relu_after: Sequence[bool], *, precision: str = "fp32") -> None:
+    def __init__(self, linears: Sequence["torch.nn.Linear"], relu_after: Sequence[bool], *, precision: str = "fp32",
+                 backend: str = "auto") -> None:
         import torch
 
         if len(linears) != len(relu_after) or not linears:
             raise ValueError(f"need one relu flag per layer ({len(linears)} layers, {len(relu_after)} flags)")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.precision = resolve_precision(precision)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.dtype = dtype
@@ -92,11 +108,39 @@ class LinearStack:
                     self._run(torch.zeros(SMALL_FP32_ROWS + 1, self.in_features), self._op)
             except Exception:  # noqa: BLE001
                 self._op = None
+        if self._op is not None and dtype == torch.float32 and (
+                backend == "mkl" or (backend == "auto" and not self._onednn_faster())):
+            self._op = None  # fp32 on MKL at every row count: the module's own kernel, faster on this CPU
+        #: the GEMM in use past ``SMALL_FP32_ROWS`` rows (bf16 is always oneDNN when it runs here)
+        self.backend = "onednn" if self._op is not None else "mkl"
 
     @property
     def fused(self) -> bool:
-        """oneDNN's fused op is available (used for bf16 and for fp32 above ``SMALL_FP32_ROWS`` rows)."""
+        """oneDNN's fused op is used (bf16, and fp32 above ``SMALL_FP32_ROWS`` rows where it is the faster)."""
         return self._op is not None
+
+    def _onednn_faster(self) -> bool:
+        """Times this stack on both fp32 backends at ``PROBE_ROWS`` (once per process and shape):
+        interleaved rounds, the best round of each, so a burst of other load hits both alike."""
+        import time
+
+        import torch
+
+        key = (torch.get_num_threads(), *((tuple(w.shape), relu) for w, _, relu in self.layers))
+        if key not in _ONEDNN_FASTER:
+            xs = [torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(rows)) for rows in PROBE_ROWS]
+            best = {"onednn": float("inf"), "mkl": float("inf")}
+            with torch.inference_mode():
+                for x in xs:  # oneDNN builds each shape's kernel on first use: not timed
+                    self._run(x, self._op)
+                for _ in range(5):
+                    for name, op in (("onednn", self._op), ("mkl", None)):
+                        t = time.perf_counter()
+                        for x in xs:
+                            self._run(x, op)
+                        best[name] = min(best[name], time.perf_counter() - t)
+            _ONEDNN_FASTER[key] = best["onednn"] < best["mkl"]
+        return _ONEDNN_FASTER[key]
 
     def _run(self, x: "torch.Tensor", op) -> "torch.Tensor":
         import torch

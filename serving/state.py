@@ -90,13 +90,15 @@ class ServingState:
     def readiness(self) -> dict[str, Any]:
         engine = self.models.engine
         status = self.models.status
+        ranker = engine.pipeline.ranker if engine is not None and engine.pipeline is not None else None
         return {
             "models_loaded": engine is not None,
             "model_versions": dict(engine.versions) if engine else {},
             "model_source": status.source,
             "model_error": status.error,
             "ranker": None if engine is None else ("ok" if engine.pipeline is not None else engine.degraded),
-            "ranker_precision": engine.pipeline.ranker.precision if engine is not None and engine.pipeline is not None else None,
+            "ranker_precision": ranker.precision if ranker is not None else None,
+            "ranker_mlp_backends": ranker.mlp_backends if ranker is not None else None,
             "features": self.features.status(),
             "eventlog": {"backend": self.log.backend, "ok": self.log_ok, "durable": self.log.durable,
                          "note": self.log.durability_note},

@@ -20,17 +20,20 @@ def _mlp(sizes, *, seed=0, last_relu=False):
     return nn.Sequential(*layers).eval()
 
 
+@pytest.mark.parametrize("backend", ["auto", "onednn", "mkl"])
 @pytest.mark.parametrize("rows", [0, 1, 64, 65, 255, 256, 700])
-def test_fp32_stack_equals_the_torch_module(rows):
-    """fp32 (MKL at a few rows, oneDNN's fused linear+ReLU above) is the module's own arithmetic, at any row count
-    (rows are padded to a bucket internally and the padding never leaks into the answer)."""
+def test_fp32_stack_equals_the_torch_module(rows, backend):
+    """fp32 on either GEMM (MKL at a few rows; above, oneDNN's fused linear+ReLU or MKL, whichever
+    ``auto`` measured faster) is the module's own arithmetic, at any row count (oneDNN's rows are
+    padded to a bucket internally and the padding never leaks into the answer)."""
     import torch
     from torch import nn
 
     from models.inference import LinearStack
 
     mlp = _mlp([11, 32, 16, 1])
-    stack = LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, True, False], precision="fp32")
+    stack = LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, True, False], precision="fp32", backend=backend)
+    assert stack.backend in ("onednn", "mkl") and (backend == "auto" or stack.backend == backend or not stack.fused)
     x = torch.randn(rows, 11, generator=torch.Generator().manual_seed(rows))
     with torch.inference_mode():
         want = mlp(x)
@@ -59,6 +62,57 @@ def test_bf16_stack_is_close_and_relu_flags_are_respected():
     assert rel < 0.03, f"bf16 relative error {rel:.4f}"
 
 
+def test_auto_backend_keeps_the_fp32_gemm_measured_faster_once_per_shape(monkeypatch):
+    """``auto`` times both GEMMs on the stack's own shapes and keeps the faster; the answer is kept
+    per process and shape, so a second stack of the same shapes (a hot swap) is not timed again.
+    The backends are made unequal by a delay, so the choice does not depend on this machine."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from models import inference
+
+    if inference._fused_op() is None:
+        pytest.skip("this torch build has no oneDNN fused linear op")
+    calls = {"onednn": 0, "mkl": 0}
+    slow = {"name": "mkl"}
+    run = inference.LinearStack._run
+
+    def timed_run(self, x, op):
+        name = "mkl" if op is None else "onednn"
+        calls[name] += 1
+        if name == slow["name"] and x.shape[0] in inference.PROBE_ROWS:
+            time.sleep(0.002)
+        return run(self, x, op)
+
+    monkeypatch.setattr(inference.LinearStack, "_run", timed_run)
+    monkeypatch.setattr(inference, "_ONEDNN_FASTER", {})
+    lin = [m for m in _mlp([13, 24, 1]) if isinstance(m, nn.Linear)]
+    assert inference.LinearStack(lin, [True, False], precision="fp32").backend == "onednn"
+    probed = dict(calls)
+    assert probed["mkl"] >= 5 * len(inference.PROBE_ROWS)
+    assert inference.LinearStack(lin, [True, False], precision="fp32").backend == "onednn"
+    assert calls["mkl"] == probed["mkl"]  # measured once for this shape
+    slow["name"] = "onednn"
+    other = [m for m in _mlp([13, 40, 1]) if isinstance(m, nn.Linear)]
+    stack = inference.LinearStack(other, [True, False], precision="fp32")
+    assert stack.backend == "mkl" and not stack.fused
+    x = torch.randn(700, 13, generator=torch.Generator().manual_seed(3))
+    before = calls["onednn"]
+    with torch.inference_mode():
+        stack(x)
+    assert calls["onednn"] == before  # above the small-row switch too
+    # bf16 is not switched by the fp32 measurement: it stays on oneDNN wherever oneDNN runs it
+    w = other[0].weight.detach().to(torch.bfloat16)
+    try:
+        inference._fused_op()(torch.zeros(65, 13, dtype=torch.bfloat16), w, None, "relu", [], "")
+        bf16_runs = True
+    except RuntimeError:
+        bf16_runs = False
+    assert inference.LinearStack(other, [True, False], precision="bf16").fused == bf16_runs
+
+
 def test_precision_names_are_checked():
     from models.inference import LinearStack, native_bf16, resolve_precision
 
@@ -68,6 +122,8 @@ def test_precision_names_are_checked():
         resolve_precision("int4")
     with pytest.raises(ValueError, match="one relu flag per layer"):
         LinearStack([], [], precision="fp32")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        LinearStack([_mlp([3, 1])[0]], [False], precision="fp32", backend="cublas")
 
 
 def test_bf16_ranker_ranks_like_fp32():

@@ -110,7 +110,10 @@ def test_ready_happy_path_ranked_by_dlrm_and_metrics(world, server) -> None:
                           load_from_registry("models:/ranker@champion", s), n_candidates=s.serving.candidates,
                           precision=s.serving.ranker_precision)
     assert engine.pipeline is not None and engine.versions == world["versions"]
-    assert r.json()["items"] and c.get("/readyz").json()["detail"]["ranker_precision"] == engine.pipeline.ranker.precision
+    detail = c.get("/readyz").json()["detail"]
+    assert r.json()["items"] and detail["ranker_precision"] == engine.pipeline.ranker.precision
+    assert set(detail["ranker_mlp_backends"]) == {"dense", "over"}
+    assert set(detail["ranker_mlp_backends"].values()) <= {"onednn", "mkl"}
     [(want_items, want_scores)], _ = engine.recommend([user], k=7, histories=[recent])
     assert [it["item_id"] for it in body["items"]] == want_items
     assert [it["score"] for it in body["items"]] == pytest.approx(want_scores, abs=1e-5)
