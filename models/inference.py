@@ -1,18 +1,21 @@
-"""CPU inference kernels for the request path: MLP stacks run through oneDNN, in fp32 or bf16.
+"""CPU inference kernels for the request path: MLP stacks run through oneDNN or MKL, in fp32 or bf16.
 
 Why this exists: on the serving path the ranker's MLPs score hundreds of candidates per request
 and dominate its CPU cost. ``nn.Sequential(Linear, ReLU, ...)`` spends as long in the separate
 ReLU pass and its temporary as in the matrix products; oneDNN's fused linear + ReLU
 (``torch.ops.mkldnn._linear_pointwise``, the kernel TorchInductor emits for CPU) does both in
-one pass: the same fp32 numbers ~2x faster here. On CPUs with native bf16 matrix units
-(Intel AMX, AVX512-BF16) bf16 weights and activations are another ~2-4x; the scores then differ
-from fp32 by ~1e-2 relative, which barely moves a ranking (``tests/test_inference.py`` bounds
-it), so ``auto`` picks bf16 only where the hardware makes it pay.
+one pass: the same fp32 numbers ~2x faster on the Intel development machine. On CPUs with
+native bf16 matrix units (Intel AMX, AVX512-BF16) bf16 weights and activations are another
+~2-4x; the scores then differ from fp32 by ~1e-2 relative, which barely moves a ranking
+(``tests/test_inference.py`` bounds it), so ``auto`` picks bf16 only where the hardware makes
+it pay.
 
-Which fp32 GEMM is faster depends on the CPU: oneDNN's fused op was ~2x faster on the Intel
-development machine, MKL's ``F.linear`` (the module's own kernel) 1.1-2x faster at every row
-count on an AVX2 AMD EPYC. A stack therefore times both on its own layer shapes once per process
-and keeps the faster (``backend="auto"``, the default; ``onednn`` / ``mkl`` force one).
+Which fp32 GEMM is faster depends on the CPU and the row count: oneDNN's fused op was ~2x
+faster on the Intel development machine; on an AVX2 AMD EPYC MKL's ``F.linear`` (the module's
+own kernel) is 1.1-2x faster up to ~8K rows, and oneDNN 1.1-1.5x faster past ~16K (MKL's separate
+ReLU pass over activations that no longer fit in cache). So a stack times both on its own layer
+shapes once per process and runs MKL below the measured crossover, oneDNN from it
+(``backend="auto"``, the default; ``onednn`` / ``mkl`` force one).
 
 The module reads weights from an ``nn.Linear`` list and keeps its own copies: the trained
 module is left untouched (offline evaluation keeps using it in fp32).
@@ -32,18 +35,20 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: shapes run as fast as a fixed shape; ever-changing shapes ~2x slower). Below it, the next power
 #: of two (a one-request batch of the user tower must not compute 256 rows).
 ROW_BUCKET = 256
-#: at most this many rows, an fp32 stack runs as plain ``F.linear`` (MKL): oneDNN's per-call set-up
-#: (~10 us) is then most of the time (measured here: 8 rows 4.8 vs 14.3 us a layer); the numbers are
-#: ``nn.Linear``'s own. bf16 stays on oneDNN at every size (MKL has no faster bf16 path).
+#: at most this many rows, an fp32 stack always runs as plain ``F.linear`` (MKL): oneDNN's per-call
+#: set-up (~10 us) is then most of the time (measured on the Intel machine: 8 rows 4.8 vs 14.3 us a
+#: layer); the numbers are ``nn.Linear``'s own. bf16 stays on oneDNN at every size (MKL has no
+#: faster bf16 path).
 SMALL_FP32_ROWS = 64
 Backend = Literal["auto", "onednn", "mkl"]
 BACKENDS = ("auto", "onednn", "mkl")
-#: row counts at which ``auto`` times both fp32 backends: a one-request and a few-request
-#: micro-batch of 500 candidates, the serving path's usual sizes
-PROBE_ROWS = (512, 2048)
-#: per process, per stack shape (torch's thread count, layers' weight shapes, ReLU flags): is oneDNN the faster fp32
-#: backend here? Measured once, so building many stacks (tests, hot swaps) pays it once.
-_ONEDNN_FASTER: dict[tuple, bool] = {}
+#: row counts at which ``auto`` times both fp32 backends, smallest first, until oneDNN wins: from
+#: a one-request micro-batch of 500 candidates to a 64-request one
+PROBE_ROWS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+#: per process, per stack shape (torch's thread count, layers' weight shapes, ReLU flags): the row
+#: count from which oneDNN is the faster fp32 backend (None: never up to the largest probe).
+#: Measured once, so building many stacks (tests, hot swaps) pays it once.
+_ONEDNN_FROM_ROWS: dict[tuple, int | None] = {}
 
 
 def native_bf16() -> bool:
@@ -104,59 +109,83 @@ class LinearStack:
         self._op = _fused_op()
         if self._op is not None:  # a build may list the op but not run it on this CPU: check once
             try:
-                with torch.inference_mode():  # past the small-row switch, or the probe would not call the op
-                    self._run(torch.zeros(SMALL_FP32_ROWS + 1, self.in_features), self._op)
+                with torch.inference_mode():
+                    self._run(torch.zeros(SMALL_FP32_ROWS + 1, self.in_features), True)
             except Exception:  # noqa: BLE001
                 self._op = None
-        if self._op is not None and dtype == torch.float32 and (
-                backend == "mkl" or (backend == "auto" and not self._onednn_faster())):
-            self._op = None  # fp32 on MKL at every row count: the module's own kernel, faster on this CPU
-        #: the GEMM in use past ``SMALL_FP32_ROWS`` rows (bf16 is always oneDNN when it runs here)
-        self.backend = "onednn" if self._op is not None else "mkl"
+        #: fp32 runs oneDNN's fused op from this many rows, MKL below (None: MKL at every size;
+        #: bf16 is always oneDNN when it runs here)
+        self.onednn_from_rows: int | None = None
+        if self._op is not None:
+            if dtype != torch.float32:
+                self.onednn_from_rows = 0
+            elif backend == "onednn":
+                self.onednn_from_rows = SMALL_FP32_ROWS + 1
+            elif backend == "auto":
+                self.onednn_from_rows = self._measured_onednn_from_rows()
 
     @property
     def fused(self) -> bool:
-        """oneDNN's fused op is used (bf16, and fp32 above ``SMALL_FP32_ROWS`` rows where it is the faster)."""
-        return self._op is not None
+        """oneDNN's fused op runs at some row count (bf16; fp32 where it measured faster)."""
+        return self.onednn_from_rows is not None
 
-    def _onednn_faster(self) -> bool:
-        """Times this stack on both fp32 backends at ``PROBE_ROWS`` (once per process and shape):
-        interleaved rounds, the best round of each, so a burst of other load hits both alike."""
+    @property
+    def backend(self) -> str:
+        """The GEMM in use, for reports: ``onednn``, ``mkl``, or ``mkl<N`` (MKL below N rows, oneDNN from N)."""
+        n = self.onednn_from_rows
+        return "mkl" if n is None else "onednn" if n <= SMALL_FP32_ROWS + 1 else f"mkl<{n}"
+
+    def _measured_onednn_from_rows(self) -> int | None:
+        """Times this stack on both fp32 backends at growing ``PROBE_ROWS`` (once per process and
+        shape) until oneDNN wins at two sizes in a row (one win alone may be a burst of other load
+        on this shared machine): interleaved rounds, the best round of each. The crossover is put
+        halfway (geometrically) between the last size MKL won and the first of oneDNN's run; where
+        oneDNN wins from the smallest, the fixed small-row switch stays."""
         import time
 
         import torch
 
         key = (torch.get_num_threads(), *((tuple(w.shape), relu) for w, _, relu in self.layers))
-        if key not in _ONEDNN_FASTER:
-            xs = [torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(rows)) for rows in PROBE_ROWS]
-            best = {"onednn": float("inf"), "mkl": float("inf")}
+        if key not in _ONEDNN_FROM_ROWS:
+            last_mkl, first_onednn = None, None  # first_onednn: the first size of the current run of oneDNN wins
             with torch.inference_mode():
-                for x in xs:  # oneDNN builds each shape's kernel on first use: not timed
-                    self._run(x, self._op)
-                for _ in range(5):
-                    for name, op in (("onednn", self._op), ("mkl", None)):
-                        t = time.perf_counter()
-                        for x in xs:
-                            self._run(x, op)
-                        best[name] = min(best[name], time.perf_counter() - t)
-            _ONEDNN_FASTER[key] = best["onednn"] < best["mkl"]
-        return _ONEDNN_FASTER[key]
+                for rows in PROBE_ROWS:
+                    x = torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(rows))
+                    best = {True: float("inf"), False: float("inf")}
+                    for onednn in best:  # oneDNN builds each shape's kernel on first use: not timed
+                        self._run(x, onednn)
+                    for _ in range(5):
+                        for onednn in best:
+                            t = time.perf_counter()
+                            self._run(x, onednn)
+                            best[onednn] = min(best[onednn], time.perf_counter() - t)
+                    if best[True] >= best[False]:
+                        last_mkl, first_onednn = rows, None
+                    elif first_onednn is not None:
+                        break  # the second win in a row
+                    else:
+                        first_onednn = rows
+            _ONEDNN_FROM_ROWS[key] = (None if first_onednn is None else SMALL_FP32_ROWS + 1 if last_mkl is None
+                                      else int((last_mkl * first_onednn) ** 0.5))
+        return _ONEDNN_FROM_ROWS[key]
 
-    def _run(self, x: "torch.Tensor", op) -> "torch.Tensor":
+    def _uses_onednn(self, rows: int) -> bool:
+        return self.onednn_from_rows is not None and rows >= self.onednn_from_rows
+
+    def _run(self, x: "torch.Tensor", onednn: bool) -> "torch.Tensor":
+        """The stack on oneDNN's fused op (rows padded to a bucket) or on MKL (``F.linear`` + ReLU)."""
         import torch
         import torch.nn.functional as F
 
         rows = x.shape[0]
-        if op is not None and rows <= SMALL_FP32_ROWS and self.dtype == torch.float32:
-            op = None  # MKL's GEMM: cheaper to call at a handful of rows, the module's exact arithmetic
         bucket = ROW_BUCKET if rows > ROW_BUCKET else 1 << max(rows - 1, 0).bit_length()  # small: next power of 2
-        pad = (-rows) % bucket if op is not None else 0
+        pad = (-rows) % bucket if onednn else 0
         h = x.to(self.dtype)
         if pad:
             h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
         for w, b, relu in self.layers:
-            if op is not None:
-                h = op(h, w, b, "relu" if relu else "none", [], "")
+            if onednn:
+                h = self._op(h, w, b, "relu" if relu else "none", [], "")
             else:
                 h = F.linear(h, w, b)
                 if relu:
@@ -170,4 +199,4 @@ class LinearStack:
             import torch
 
             return torch.zeros(0, self.out_features)
-        return self._run(x.contiguous(), self._op)
+        return self._run(x.contiguous(), self._uses_onednn(x.shape[0]))

@@ -33,7 +33,7 @@ def test_fp32_stack_equals_the_torch_module(rows, backend):
 
     mlp = _mlp([11, 32, 16, 1])
     stack = LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, True, False], precision="fp32", backend=backend)
-    assert stack.backend in ("onednn", "mkl") and (backend == "auto" or stack.backend == backend or not stack.fused)
+    assert backend == "auto" or stack.backend == backend or not stack.fused
     x = torch.randn(rows, 11, generator=torch.Generator().manual_seed(rows))
     with torch.inference_mode():
         want = mlp(x)
@@ -62,10 +62,11 @@ def test_bf16_stack_is_close_and_relu_flags_are_respected():
     assert rel < 0.03, f"bf16 relative error {rel:.4f}"
 
 
-def test_auto_backend_keeps_the_fp32_gemm_measured_faster_once_per_shape(monkeypatch):
-    """``auto`` times both GEMMs on the stack's own shapes and keeps the faster; the answer is kept
-    per process and shape, so a second stack of the same shapes (a hot swap) is not timed again.
-    The backends are made unequal by a delay, so the choice does not depend on this machine."""
+def test_auto_backend_runs_each_row_count_on_the_gemm_measured_faster_there(monkeypatch):
+    """``auto`` times both GEMMs on the stack's own shapes at growing row counts and runs MKL below
+    the crossover, oneDNN from it; the answer is kept per process and shape, so a second stack of
+    the same shapes (a hot swap) is not timed again. The GEMMs are made unequal by a delay, so
+    the choice does not depend on this machine."""
     import time
 
     import torch
@@ -75,42 +76,57 @@ def test_auto_backend_keeps_the_fp32_gemm_measured_faster_once_per_shape(monkeyp
 
     if inference._fused_op() is None:
         pytest.skip("this torch build has no oneDNN fused linear op")
-    calls = {"onednn": 0, "mkl": 0}
-    slow = {"name": "mkl"}
+    calls = {True: 0, False: 0}
+    mkl_slow_at: set[int] = set()  # probe sizes where MKL is made slower; at the others oneDNN is
     run = inference.LinearStack._run
 
-    def timed_run(self, x, op):
-        name = "mkl" if op is None else "onednn"
-        calls[name] += 1
-        if name == slow["name"] and x.shape[0] in inference.PROBE_ROWS:
-            time.sleep(0.002)
-        return run(self, x, op)
+    def timed_run(self, x, onednn):
+        calls[onednn] += 1
+        rows = x.shape[0]
+        if rows in inference.PROBE_ROWS and onednn != (rows in mkl_slow_at):
+            time.sleep(0.003)
+        return run(self, x, onednn)
+
+    def stack(hidden, precision="fp32"):
+        lin = [m for m in _mlp([13, hidden, 1]) if isinstance(m, nn.Linear)]
+        return inference.LinearStack(lin, [True, False], precision=precision)
 
     monkeypatch.setattr(inference.LinearStack, "_run", timed_run)
-    monkeypatch.setattr(inference, "_ONEDNN_FASTER", {})
-    lin = [m for m in _mlp([13, 24, 1]) if isinstance(m, nn.Linear)]
-    assert inference.LinearStack(lin, [True, False], precision="fp32").backend == "onednn"
+    monkeypatch.setattr(inference, "_ONEDNN_FROM_ROWS", {})
+    # MKL slower from the smallest probe: oneDNN past the fixed small-row switch, as before
+    mkl_slow_at.update(inference.PROBE_ROWS)
+    first = stack(24)
+    assert first.backend == "onednn" and first.onednn_from_rows == inference.SMALL_FP32_ROWS + 1
     probed = dict(calls)
-    assert probed["mkl"] >= 5 * len(inference.PROBE_ROWS)
-    assert inference.LinearStack(lin, [True, False], precision="fp32").backend == "onednn"
-    assert calls["mkl"] == probed["mkl"]  # measured once for this shape
-    slow["name"] = "onednn"
-    other = [m for m in _mlp([13, 40, 1]) if isinstance(m, nn.Linear)]
-    stack = inference.LinearStack(other, [True, False], precision="fp32")
-    assert stack.backend == "mkl" and not stack.fused
-    x = torch.randn(700, 13, generator=torch.Generator().manual_seed(3))
-    before = calls["onednn"]
+    # measured once per shape: a second stack only runs the op's start-up check
+    assert stack(24).onednn_from_rows == first.onednn_from_rows and calls == {True: probed[True] + 1, False: probed[False]}
+    # oneDNN slower everywhere: MKL at every row count
+    mkl_slow_at.clear()
+    everywhere = stack(40)
+    assert everywhere.backend == "mkl" and not everywhere.fused and everywhere.onednn_from_rows is None
+    # one oneDNN win alone (a burst of other load during MKL's turn) does not move the crossover
+    mkl_slow_at.add(1024)
+    assert stack(44).onednn_from_rows is None
+    # MKL slower from 4096 rows: the crossover between 2048 and 4096, each call on its side of it
+    mkl_slow_at.clear()
+    mkl_slow_at.update(r for r in inference.PROBE_ROWS if r >= 4096)
+    mixed = stack(48)
+    assert mixed.onednn_from_rows == int((2048 * 4096) ** 0.5) and mixed.backend == f"mkl<{mixed.onednn_from_rows}"
     with torch.inference_mode():
-        stack(x)
-    assert calls["onednn"] == before  # above the small-row switch too
-    # bf16 is not switched by the fp32 measurement: it stays on oneDNN wherever oneDNN runs it
-    w = other[0].weight.detach().to(torch.bfloat16)
+        for rows, on_onednn in ((700, False), (3000, True)):
+            x = torch.randn(rows, 13, generator=torch.Generator().manual_seed(rows))
+            before = dict(calls)
+            torch.testing.assert_close(mixed(x), torch.relu(x @ mixed.layers[0][0].T + mixed.layers[0][1]) @ mixed.layers[1][0].T
+                                       + mixed.layers[1][1], rtol=1e-5, atol=1e-5)
+            assert calls[on_onednn] == before[on_onednn] + 1 and calls[not on_onednn] == before[not on_onednn]
+    # bf16 is not switched by the fp32 measurement: oneDNN at every size wherever oneDNN runs it
+    w = torch.zeros(4, 13, dtype=torch.bfloat16)
     try:
         inference._fused_op()(torch.zeros(65, 13, dtype=torch.bfloat16), w, None, "relu", [], "")
         bf16_runs = True
     except RuntimeError:
         bf16_runs = False
-    assert inference.LinearStack(other, [True, False], precision="bf16").fused == bf16_runs
+    assert stack(40, "bf16").onednn_from_rows == (0 if bf16_runs else None)
 
 
 def test_precision_names_are_checked():
