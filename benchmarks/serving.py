@@ -277,6 +277,19 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_speed(seconds: float = 0.25) -> float:
+    """Millions of pure-Python loop iterations per second on one core, read while the server idles.
+    This VM's host sometimes takes up to half of a core's speed for minutes (seen on 2026-11-25:
+    ~11.7 at full speed, 5.8 then); a repeat measured then is slower everywhere, and this says so,
+    where the load average (which counts only this machine's own work) does not."""
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for _ in range(10_000):
+            pass
+        n += 10_000
+    return round(n / elapsed / 1e6, 2)
+
+
 def http_part(args, work: Path) -> dict:
     """Train tiny-but-real models (two-tower + DLRM ranker), start the real server, drive it."""
     from core.config import load_settings
@@ -307,7 +320,7 @@ def http_part(args, work: Path) -> dict:
                            "setup_s": round(setup_s, 1), "workers": 2, "connections": args.connections,
                            "duration_s": args.duration, "repeats": args.repeats}}
     runs: dict[str, list] = {"noop": [], "recommend": [], "sweep": [], "events_single": [], "events_batch50": [],
-                             "open_loop_half": []}
+                             "open_loop_half": [], "cpu_speed": []}
     with ServerProcess(settings, workers=2) as srv:
         info = json.loads(subprocess.run(["curl", "-s", srv.url + "/readyz"], capture_output=True, text=True).stdout)
         res["setup"]["ready"] = info
@@ -323,6 +336,7 @@ def http_part(args, work: Path) -> dict:
         run_wrk(srv.url + "/v1/recommendations/" + users[0], script=rec_lua, connections=16, duration=2)  # warm-up
         for r in range(args.repeats):
             la = load_avg()
+            runs["cpu_speed"].append(cpu_speed())
             points = []
             for conns in args.connections:  # the closed-loop curve; each endpoint's best point is its max
                 noop_run = run_wrk(srv.url + "/noop", script=None, connections=conns, duration=args.duration)
@@ -369,6 +383,7 @@ def http_part(args, work: Path) -> dict:
         "recommend_p50_ms_at_half_load": spread([x["p50_ms"] for x in runs["open_loop_half"]])["median"],
         "recommend_p95_ms_at_half_load": spread([x["p95_ms"] for x in runs["open_loop_half"]])["median"],
         "ingest_events_per_s": ev50s["median"], "ingest_single_event_requests_per_s": ev1s["median"],
+        "cpu_speed_per_repeat": runs["cpu_speed"],
         "spread": {"noop_rps": noop, "recommend_rps": rec, "recommend_to_noop_per_repeat": ratios,
                    "recommend_p99_ms_at_half_load": ol, "ingest_events_per_s_batch50": ev50s, "ingest_single_event_rps": ev1s},
         "budgets_ms": {"total": settings.serving.total_budget_ms, "model": settings.serving.model_budget_ms,
@@ -507,7 +522,9 @@ def render_md(r: dict) -> str:
         f"max throughput = the best point of that sweep, per endpoint) "
         f"and an open-loop asyncio client, each in its own process, on the same {r['machine']['cpus']}-core machine "
         f"(the load generator competes with the server for CPU; other engineers' jobs share it too: the load "
-        f"average at each repeat is in the JSON). {r['setup']['repeats']} repeats; median [min-max]. "
+        f"average at each repeat is in the JSON; the host's CPU speed at each repeat's start, in millions of Python "
+        f"loop iterations per second on one core with the server idle: {r.get('cpu_speed_per_repeat')}). "
+        f"{r['setup']['repeats']} repeats; median [min-max]. "
         f"HTTP part measured {hm.get('at', '?')}.", "",
         f"Served path: {r['served_path']}. Sample response: model versions {r['setup'].get('sample_response', {}).get('model_versions')}.", "",
         "| measurement | median | min | max |", "|---|---|---|---|",
@@ -530,7 +547,8 @@ def render_md(r: dict) -> str:
         *_curve_md(r.get("closed_loop_curve")),
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
         f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
-        f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}.", "",
+        f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}, "
+        f"GEMMs: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_mlp_backends')}.", "",
         f"At half load (open loop, middle repeat) the server spent {r.get('open_loop_server_cpu_ms_per_request')} ms of CPU per "
         f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats); "
         f"the workers' threads (all workers, ms per second running / waiting in the run queue for a CPU): "

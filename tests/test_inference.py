@@ -142,6 +142,29 @@ def test_precision_names_are_checked():
         LinearStack([_mlp([3, 1])[0]], [False], precision="fp32", backend="cublas")
 
 
+def test_explicit_bf16_without_native_units_is_kept_and_warned_once(monkeypatch, caplog):
+    """bf16 on a CPU without AMX / AVX512-BF16 is emulated (~25x slower than fp32 on the AVX2 AMD
+    machine): an explicit request is honoured, but the log says so, once per process."""
+    import logging
+
+    from models import inference
+
+    monkeypatch.setattr(inference, "native_bf16", lambda: False)
+    inference._warn_emulated_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="models.inference"):
+        assert inference.resolve_precision("bf16") == "bf16"
+        assert inference.resolve_precision("bf16") == "bf16"
+        assert inference.resolve_precision("auto") == "fp32"
+    warned = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == 1 and "serving.ranker_precision" in warned[0].getMessage()
+    inference._warn_emulated_bf16.cache_clear()
+    monkeypatch.setattr(inference, "native_bf16", lambda: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.inference"):
+        assert inference.resolve_precision("bf16") == "bf16"
+    assert not caplog.records
+
+
 def test_bf16_ranker_ranks_like_fp32():
     """The serving ranker in bf16 must order candidates like the fp32 model it was evaluated as:
     per request, the top-10 of 100 candidates overlaps almost entirely and scores stay close."""
