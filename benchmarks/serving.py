@@ -280,7 +280,7 @@ def load_avg() -> list[float]:
 def cpu_speed(seconds: float = 0.25) -> float:
     """Millions of pure-Python loop iterations per second on one core, read while the server idles.
     This VM's host sometimes takes up to half of a core's speed for minutes (seen on 2026-11-25:
-    ~11.7 at full speed, 5.8 then); a repeat measured then is slower everywhere, and this says so,
+    ~50 at full speed, 24-31 then); a repeat measured then is slower everywhere, and this says so,
     where the load average (which counts only this machine's own work) does not."""
     n, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
