@@ -12,10 +12,11 @@ it pay.
 
 Which fp32 GEMM is faster depends on the CPU and the row count: oneDNN's fused op was ~2x
 faster on the Intel development machine; on an AVX2 AMD EPYC MKL's ``F.linear`` (the module's
-own kernel) is 1.1-2x faster up to ~8K rows, and oneDNN 1.1-1.5x faster past ~16K (MKL's separate
-ReLU pass over activations that no longer fit in cache). So a stack times both on its own layer
-shapes once per process and runs MKL below the measured crossover, oneDNN from it
-(``backend="auto"``, the default; ``onednn`` / ``mkl`` force one).
+own kernel) is 1.2-2x faster at ~500-1,000 rows, about as fast from ~2K to ~8K, and oneDNN
+1.2-1.5x faster past ~16K (MKL's separate ReLU pass over activations that no longer fit in
+cache). So a stack times both on its own layer shapes once per process and runs MKL below the
+measured crossover, oneDNN from it (``backend="auto"``, the default; ``onednn`` / ``mkl`` force
+one).
 
 The module reads weights from an ``nn.Linear`` list and keeps its own copies: the trained
 module is left untouched (offline evaluation keeps using it in fp32).
@@ -107,7 +108,7 @@ class LinearStack:
     whatever the compute precision."""
 
     def __init__(self, linears: Sequence["torch.nn.Linear"], relu_after: Sequence[bool], *, precision: str = "fp32",
-                 backend: str = "auto") -> None:
+                 backend: Backend = "auto") -> None:
         import torch
 
         if len(linears) != len(relu_after) or not linears:
