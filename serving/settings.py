@@ -76,6 +76,11 @@ class ServingSettings(Section):
     blocked_items: list[str] = Field(default_factory=list, description="Never recommended (policy, takedowns).")
     # --- feedback ------------------------------------------------------------------------------
     log_impressions: bool = True
+    impression_flush_ms: float = Field(
+        50.0, gt=0, description="Served impressions wait in the worker's memory up to this long and go to the event "
+        "log together (unacknowledged by design: a crash loses at most this much of them). Each hand-over wakes "
+        "the log's writer thread for a write and an fsync: at 5 ms that was ~6 thread switches per request at "
+        "low load, at 50 ms ~1.4 (docs/serving.md).")
     update_features_on_event: bool = True
     metrics_dir: Path = Field(Path("var/run/prometheus"), description="prometheus_client multiprocess folder (relative to paths.root).")
     model_cache_dir: Path = Field(Path("var/serving/models"), description="Where serving notes the last loaded artifacts (relative to paths.root).")

@@ -20,9 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: How long served impressions wait in memory to be handed to the event log together.
-IMPRESSION_FLUSH_S = 0.005
-
 
 @dataclass
 class ServingState:
@@ -69,14 +66,15 @@ class ServingState:
         self._impressions.append(record)
         if len(self._impressions) == 1:  # first of a burst: hand the burst to the log shortly
             try:
-                asyncio.get_running_loop().call_later(IMPRESSION_FLUSH_S, self.flush_impressions)
+                asyncio.get_running_loop().call_later(self.settings.serving.impression_flush_ms / 1000.0,
+                                                      self.flush_impressions)
             except RuntimeError:  # no running loop (called from a script): hand it over now
                 self.flush_impressions()
 
     def flush_impressions(self) -> None:
         """One hand-over to the event log per burst of impressions instead of one per request
         (each hand-over wakes the log's writer thread); unacknowledged by design, so at most
-        ``IMPRESSION_FLUSH_S`` of them are in memory only."""
+        ``serving.impression_flush_ms`` of them are in memory only."""
         batch, self._impressions = self._impressions, []
         if not batch:
             return
