@@ -14,7 +14,8 @@ Which fp32 GEMM is faster depends on the CPU and the row count: oneDNN's fused o
 faster on the Intel development machine; on an AVX2 AMD EPYC MKL's ``F.linear`` (the module's
 own kernel) is 1.2-2x faster at ~500-1,000 rows, about as fast from ~2K to ~8K, and oneDNN
 1.2-1.5x faster past ~16K (MKL's separate ReLU pass over activations that no longer fit in
-cache). So a stack times both on its own layer shapes once per process and runs MKL below the
+cache). So a stack times both on its own layer shapes once per process, on its first call past
+a handful of rows (the serving engine's warm-up, before traffic), and runs MKL below the
 measured crossover, oneDNN from it (``backend="auto"``, the default; ``onednn`` / ``mkl`` force
 one).
 
@@ -133,13 +134,16 @@ class LinearStack:
         #: fp32 runs oneDNN's fused op from this many rows, MKL below (None: MKL at every size;
         #: bf16 is always oneDNN when it runs here)
         self.onednn_from_rows: int | None = None
+        #: ``auto``: timed on the first call past ``SMALL_FP32_ROWS`` rows (a stack that never sees
+        #: more, like the user tower at micro-batch sizes, never pays for the timing)
+        self._untimed = False
         if self._op is not None:
             if dtype != torch.float32:
                 self.onednn_from_rows = 0
             elif backend == "onednn":
                 self.onednn_from_rows = SMALL_FP32_ROWS + 1
             elif backend == "auto":
-                self.onednn_from_rows = self._measured_onednn_from_rows()
+                self._untimed = True
 
     @property
     def fused(self) -> bool:
@@ -148,13 +152,16 @@ class LinearStack:
 
     @property
     def backend(self) -> str:
-        """The GEMM in use, for reports: ``onednn``, ``mkl``, or ``mkl<N`` (MKL below N rows, oneDNN from N)."""
+        """The GEMM in use, for reports: ``onednn``, ``mkl``, ``mkl<N`` (MKL below N rows, oneDNN
+        from N), or ``auto (untimed)`` before an ``auto`` stack's first call past the small-row switch."""
+        if self._untimed:
+            return "auto (untimed)"
         n = self.onednn_from_rows
         return "mkl" if n is None else "onednn" if n <= SMALL_FP32_ROWS + 1 else f"mkl<{n}"
 
     def _measured_onednn_from_rows(self) -> int | None:
         """Times this stack on both fp32 backends at growing ``PROBE_ROWS`` (once per process and
-        shape) until oneDNN wins at two sizes in a row (one win alone may be a burst of other load
+        shape, ~0.05-0.2 s) until oneDNN wins at two sizes in a row (one win alone may be a burst of other load
         on this shared machine): interleaved rounds, the best round of each. The crossover is put
         halfway (geometrically) between the last size MKL won and the first of oneDNN's run; where
         oneDNN wins from the smallest, the fixed small-row switch stays."""
@@ -187,6 +194,9 @@ class LinearStack:
         return _ONEDNN_FROM_ROWS[key]
 
     def _uses_onednn(self, rows: int) -> bool:
+        if self._untimed and rows > SMALL_FP32_ROWS:
+            self.onednn_from_rows = self._measured_onednn_from_rows()
+            self._untimed = False
         return self.onednn_from_rows is not None and rows >= self.onednn_from_rows
 
     def _run(self, x: "torch.Tensor", onednn: bool) -> "torch.Tensor":

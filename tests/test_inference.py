@@ -33,11 +33,14 @@ def test_fp32_stack_equals_the_torch_module(rows, backend):
 
     mlp = _mlp([11, 32, 16, 1])
     stack = LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, True, False], precision="fp32", backend=backend)
-    assert backend == "auto" or stack.backend == backend or not stack.fused
     x = torch.randn(rows, 11, generator=torch.Generator().manual_seed(rows))
     with torch.inference_mode():
         want = mlp(x)
         got = stack(x)
+    if backend == "auto":  # timed on the first call past the small-row switch
+        assert (stack.backend == "auto (untimed)") == (rows <= 64 and stack._op is not None)
+    else:
+        assert stack.backend == backend or not stack.fused
     assert got.shape == (rows, 1) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -88,8 +91,12 @@ def test_auto_backend_runs_each_row_count_on_the_gemm_measured_faster_there(monk
         return run(self, x, onednn)
 
     def stack(hidden, precision="fp32"):
+        """A stack after its first call past the small-row switch (which times an ``auto`` stack)."""
         lin = [m for m in _mlp([13, hidden, 1]) if isinstance(m, nn.Linear)]
-        return inference.LinearStack(lin, [True, False], precision=precision)
+        out = inference.LinearStack(lin, [True, False], precision=precision)
+        with torch.inference_mode():
+            out(torch.zeros(inference.SMALL_FP32_ROWS + 1, 13))
+        return out
 
     monkeypatch.setattr(inference.LinearStack, "_run", timed_run)
     monkeypatch.setattr(inference, "_ONEDNN_FROM_ROWS", {})
@@ -98,8 +105,14 @@ def test_auto_backend_runs_each_row_count_on_the_gemm_measured_faster_there(monk
     first = stack(24)
     assert first.backend == "onednn" and first.onednn_from_rows == inference.SMALL_FP32_ROWS + 1
     probed = dict(calls)
-    # measured once per shape: a second stack only runs the op's start-up check
-    assert stack(24).onednn_from_rows == first.onednn_from_rows and calls == {True: probed[True] + 1, False: probed[False]}
+    # measured once per shape: a second stack only runs the op's start-up check and its own call
+    assert stack(24).onednn_from_rows == first.onednn_from_rows and calls == {True: probed[True] + 2, False: probed[False]}
+    # nothing is timed before a call past the small-row switch
+    small = inference.LinearStack([m for m in _mlp([13, 52, 1]) if isinstance(m, nn.Linear)], [True, False])
+    before = dict(calls)
+    with torch.inference_mode():
+        small(torch.zeros(inference.SMALL_FP32_ROWS, 13))
+    assert small.backend == "auto (untimed)" and calls == {True: before[True], False: before[False] + 1}
     # oneDNN slower everywhere: MKL at every row count
     mkl_slow_at.clear()
     everywhere = stack(40)
