@@ -204,13 +204,15 @@ def mlp_cost(arch: Sequence[int], *, in_width: int = SERVED_WIDTH, precision: st
     linears = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
     stack = LinearStack(linears, [True] * (len(linears) - 1) + [False], precision=precision)
     res: dict[str, Any] = {"arch": arch_name(arch), "in_width": in_width, "precision": stack.precision,
-                           "fused": stack.fused, "flops_per_row": 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))}
+                           "flops_per_row": 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))}
     with torch.inference_mode():
         for n in rows:
             x = torch.randn(n, in_width)
             ms = median_ms(lambda: stack(x), max(rounds * 500 // n, 30), warmup=5)
             res[f"ms_{n}_rows"] = round(ms, 4)
             res[f"ms_per_request_{n}_rows"] = round(ms * 500 / n, 4)
+    # read after the calls: an ``auto`` stack picks its GEMM on its first call past a handful of rows
+    res.update(fused=stack.fused, backend=stack.backend)
     return res
 
 
