@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, get_args
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = get_args(Precision)
 #: oneDNN builds (JIT-compiles) a kernel per input shape, ~1-2 ms each: a request path whose
 #: batch has a new row count every time would pay that on every call. Rows are padded up to a
 #: multiple of this, so a server sees a few dozen shapes, each built once (measured here: bucketed
@@ -47,7 +47,7 @@ ROW_BUCKET = 256
 #: faster bf16 path).
 SMALL_FP32_ROWS = 64
 Backend = Literal["auto", "onednn", "mkl"]
-BACKENDS = ("auto", "onednn", "mkl")
+BACKENDS = get_args(Backend)
 #: row counts at which ``auto`` times both fp32 backends, smallest first, until oneDNN wins: from
 #: a one-request micro-batch of 500 candidates to a 64-request one
 PROBE_ROWS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -108,7 +108,7 @@ class LinearStack:
     after every layer; ``OverArch`` after all but the last). Input and output are fp32 tensors
     whatever the compute precision."""
 
-    def __init__(self, linears: Sequence["torch.nn.Linear"], relu_after: Sequence[bool], *, precision: str = "fp32",
+    def __init__(self, linears: Sequence["torch.nn.Linear"], relu_after: Sequence[bool], *, precision: Precision = "fp32",
                  backend: Backend = "auto") -> None:
         import torch
 
