@@ -8,7 +8,9 @@ load-generator processes, plus the ANN catalog-scaling curve.
   curve, not its value at one arbitrary connection count; each endpoint's maximum over the sweep
   is its max throughput, and the whole curve (RPS, p50, p99 per concurrency) is reported;
   (c) event ingest (``POST /v1/events``, 202 only after fsync), single events and batches;
-- open loop at half the measured recommendation throughput: an asyncio client in its own
+- open loop at fractions of the measured recommendation throughput (``--open-loop-fractions``,
+  default 1/8, 1/4 and 1/2; half is the latency target's point), the latency-vs-load curve: an
+  asyncio client in its own
   process (``benchmarks/open_loop_client.py``) sends on a fixed schedule and measures from the
   *scheduled* send time (no coordinated omission), p50/p95/p99, drawing users from the same
   population as the closed loop (so the online-feature cache misses as often); it reports its
@@ -21,6 +23,7 @@ Every measurement is repeated (``--repeats``) and reported with its spread: runs
 shared 2-core machine sometimes stall. Loopback only; every loop is bounded.
 
     python benchmarks/serving.py [--quick] [--repeats 3] [--duration 8] [--connections 64,128,256]
+                                 [--open-loop-fractions 0.125,0.25,0.5]
 """
 from __future__ import annotations
 
@@ -188,6 +191,19 @@ def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: 
     return out
 
 
+def batch_totals(url: str) -> tuple[float, float]:
+    """(requests, batched model calls) so far, all workers (``recsys_model_batch_size`` sum and count)."""
+    text = subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout
+    vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", text, re.M))
+    return float(vals.get("sum", 0.0)), float(vals.get("count", 0.0))
+
+
+def batch_mean_between(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean requests per batched model call between two :func:`batch_totals` snapshots."""
+    calls = after[1] - before[1]
+    return round((after[0] - before[0]) / calls, 2) if calls > 0 else None
+
+
 def _batch_mean(metrics_text: str) -> float | None:
     vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", metrics_text, re.M))
     return round(float(vals["sum"]) / float(vals["count"]), 2) if vals.get("count") and float(vals["count"]) else None
@@ -320,7 +336,7 @@ def http_part(args, work: Path) -> dict:
                            "setup_s": round(setup_s, 1), "workers": 2, "connections": args.connections,
                            "duration_s": args.duration, "repeats": args.repeats}}
     runs: dict[str, list] = {"noop": [], "recommend": [], "sweep": [], "events_single": [], "events_batch50": [],
-                             "open_loop_half": [], "cpu_speed": []}
+                             "open_loop_half": [], "open_loop_curve": [], "cpu_speed": []}
     with ServerProcess(settings, workers=2) as srv:
         info = json.loads(subprocess.run(["curl", "-s", srv.url + "/readyz"], capture_output=True, text=True).stdout)
         res["setup"]["ready"] = info
@@ -354,15 +370,23 @@ def http_part(args, work: Path) -> dict:
             best = max(points, key=lambda p_: p_["recommend"]["rps"])
             runs["recommend"].append({**best["recommend"], "connections": best["connections"]})
             print("recommend", runs["recommend"][-1], "noop", runs["noop"][-1], flush=True)
-            half = runs["recommend"][-1]["rps"] / 2
-            before = rec_counters(srv.url)
-            cpu0, sched0, t0 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
-            ol_run = open_loop(srv.url, half, args.duration, users)
-            cpu1, sched1, t1 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
-            runs["open_loop_half"].append({"rate": round(half, 1), **ol_run, "load_avg": load_avg(),
-                                           **model_served(before, rec_counters(srv.url)),
-                                           "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"]),
-                                           "server_threads_sched": run_queue_wait(sched0, sched1, t1 - t0)})
+            curve_points = []
+            for fraction in args.open_loop_fractions:  # ascending; 0.5 (the target's point) is always one
+                rate = runs["recommend"][-1]["rps"] * fraction
+                before, batches0 = rec_counters(srv.url), batch_totals(srv.url)
+                cpu0, sched0, t0 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
+                ol_run = open_loop(srv.url, rate, args.duration, users)
+                cpu1, sched1, t1 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
+                point = {"fraction": fraction, "rate": round(rate, 1), **ol_run, "load_avg": load_avg(),
+                         **model_served(before, rec_counters(srv.url)),
+                         "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"]),
+                         "server_threads_sched": run_queue_wait(sched0, sched1, t1 - t0),
+                         "model_batch_size_mean": batch_mean_between(batches0, batch_totals(srv.url))}
+                curve_points.append(point)
+                if fraction == 0.5:
+                    runs["open_loop_half"].append(point)
+                print("open loop", fraction, "rate", point["rate"], "p99", point["p99_ms"], flush=True)
+            runs["open_loop_curve"].append(curve_points)
             runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections[0], duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
@@ -399,6 +423,8 @@ def http_part(args, work: Path) -> dict:
         "open_loop_server_threads_sched": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_threads_sched"),
         "open_loop_where_time_went": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("where_time_went"),
         "closed_loop_curve": closed_loop_curve(runs["sweep"]),
+        "open_loop_curve": (ol_curve := open_loop_curve(runs["open_loop_curve"])),
+        "open_loop_p99_le_10ms_up_to_rps": max((p_["rate"] for p_ in ol_curve if p_["p99_ms"] <= 10), default=None),
     })
     return res
 
@@ -419,6 +445,37 @@ def closed_loop_curve(sweeps: list[list[dict]]) -> list[dict]:
     return out
 
 
+def open_loop_curve(repeats: list[list[dict]]) -> list[dict]:
+    """Per fraction of the recommendation maximum, medians over repeats: the rate sent, p50 / p99 (and
+    the p99's spread), server CPU per request, requests per batched model call, and the smallest
+    model-served share (a point served by fallbacks would measure the fallback)."""
+    out = []
+    for i, fraction in enumerate(p_["fraction"] for p_ in repeats[0]):
+        pts = [rep[i] for rep in repeats]
+        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        p99s = [p_["p99_ms"] for p_ in pts]
+        out.append({"fraction": fraction, "rate": med([p_["rate"] for p_ in pts]), "p50_ms": med([p_["p50_ms"] for p_ in pts]),
+                    "p99_ms": med(p99s), "p99_ms_min": min(p99s), "p99_ms_max": max(p99s),
+                    "server_cpu_ms_per_request": med([p_["server_cpu_ms_per_request"]["total"] for p_ in pts
+                                                      if p_["server_cpu_ms_per_request"]]),
+                    "model_batch_size_mean": med([p_["model_batch_size_mean"] for p_ in pts if p_["model_batch_size_mean"]]),
+                    "model_served_share_min": min((p_["model_served_share"] for p_ in pts if p_["model_served_share"] is not None),
+                                                  default=None)})
+    return out
+
+
+def _fractions(text: str) -> list[float]:
+    """``--open-loop-fractions``: each in (0, 1], sorted, with 0.5 (the half-load target) added if missing."""
+    try:
+        values = {float(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    bad = sorted(v for v in values if not 0 < v <= 1)
+    if bad:
+        raise argparse.ArgumentTypeError(f"fractions of the maximum must be in (0, 1], got {bad}")
+    return sorted(values | {0.5})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small catalog curve")
@@ -426,6 +483,9 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[64, 128, 256],
                     help="closed-loop concurrencies (comma-separated): the curve whose plateau is max throughput")
+    ap.add_argument("--open-loop-fractions", type=_fractions, default=_fractions("0.125,0.25,0.5"),
+                    help="open-loop rates as fractions of each repeat's recommendation maximum (comma-separated; "
+                         "0.5, the half-load target, is always run): the latency-vs-load curve")
     ap.add_argument("--parts", default="http,catalog",
                     help="http (server: no-op, recommend, open loop, ingest), catalog (ANN scaling); a part not run "
                          "keeps its previous results from benchmarks/results/serving.json")
@@ -445,7 +505,7 @@ def main() -> None:
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
                  "model_batch_size_mean", "server_cpu_ms_per_request", "open_loop_server_cpu_ms_per_request",
                  "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "open_loop_where_time_went",
-                 "closed_loop_curve")
+                 "closed_loop_curve", "open_loop_curve", "open_loop_p99_le_10ms_up_to_rps")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -497,6 +557,19 @@ def _curve_md(curve: list[dict] | None) -> list[str]:
     return lines + [""]
 
 
+def _open_curve_md(curve: list[dict] | None, up_to: float | None) -> list[str]:
+    if not curve:
+        return []
+    lines = ["Open-loop curve (each repeat at fractions of its own recommendation maximum; medians over repeats, the "
+             "p99's range in brackets):", "",
+             "| fraction of max | RPS sent | p50 ms | p99 ms | server CPU ms/rec. | requests per model batch | model-served share (min) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['fraction']} | {c['rate']} | {c['p50_ms']} | {c['p99_ms']} [{c['p99_ms_min']}-{c['p99_ms_max']}] | "
+              f"{c['server_cpu_ms_per_request']} | {c['model_batch_size_mean']} | {c['model_served_share_min']} |" for c in curve]
+    return lines + ["", "p99 <= 10 ms (median over repeats) up to: "
+                    + (f"{up_to} RPS of those measured" if up_to is not None else "none of the rates measured"), ""]
+
+
 def _sched_md(sched: dict | None) -> str:
     if not sched:
         return "not measured"
@@ -545,6 +618,7 @@ def render_md(r: dict) -> str:
         f"{r.get('recommend_model_served_share')}, open loop at half load {r.get('open_loop_model_served_share')} "
         f"(per-run fallback counts in the JSON).", "",
         *_curve_md(r.get("closed_loop_curve")),
+        *_open_curve_md(r.get("open_loop_curve"), r.get("open_loop_p99_le_10ms_up_to_rps")),
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
         f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
         f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}, "

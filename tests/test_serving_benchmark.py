@@ -1,0 +1,46 @@
+"""The serving benchmark's own arithmetic (``benchmarks/serving.py``): the open-loop curve's
+aggregation over repeats and its argument parsing. The benchmark itself runs a real server and
+load generators; it is not run by the test suite."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.serving import _fractions, batch_mean_between, open_loop_curve  # noqa: E402
+
+
+def _point(fraction: float, rate: float, p99: float, cpu: float, batch: float | None, share: float | None = 1.0) -> dict:
+    return {"fraction": fraction, "rate": rate, "p50_ms": p99 / 4, "p99_ms": p99, "server_cpu_ms_per_request": {"total": cpu},
+            "model_batch_size_mean": batch, "model_served_share": share}
+
+
+def test_open_loop_curve_takes_medians_per_fraction_over_repeats():
+    repeats = [
+        [_point(0.25, 400.0, 6.0, 2.0, 1.0), _point(0.5, 800.0, 30.0, 1.2, 3.0)],
+        [_point(0.25, 420.0, 12.0, 2.4, 1.2), _point(0.5, 840.0, 50.0, 1.1, 3.4, share=0.98)],
+        [_point(0.25, 380.0, 8.0, 2.2, None), _point(0.5, 760.0, 40.0, 1.0, 2.6)],
+    ]
+    curve = open_loop_curve(repeats)
+    assert [c["fraction"] for c in curve] == [0.25, 0.5]
+    low, half = curve
+    assert (low["rate"], low["p99_ms"], low["p99_ms_min"], low["p99_ms_max"]) == (400.0, 8.0, 6.0, 12.0)
+    assert low["server_cpu_ms_per_request"] == 2.2
+    assert low["model_batch_size_mean"] == 1.1  # a repeat without batches (None) is left out
+    assert (half["rate"], half["p99_ms"], half["model_served_share_min"]) == (800.0, 40.0, 0.98)
+
+
+def test_fractions_are_sorted_and_always_include_the_half_load_target():
+    assert _fractions("0.25,0.125") == [0.125, 0.25, 0.5]
+    assert _fractions("1, 0.5") == [0.5, 1.0]
+    for bad in ("0", "1.5", "-0.25", "half"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _fractions(bad)
+
+
+def test_batch_mean_between_two_snapshots():
+    assert batch_mean_between((100.0, 40.0), (160.0, 60.0)) == 3.0
+    assert batch_mean_between((100.0, 40.0), (100.0, 40.0)) is None  # no batch in between
