@@ -7,7 +7,8 @@ built as the server builds it (``serving.ranker_precision`` from the settings), 
 the real online histories of the requested users. For each batch size: wall time of each
 candidate source, the merge, filter, ranking (DLRM), diversity, and the whole
 ``Engine.recommend`` call; the per-batch fixed cost and the per-request cost come from a
-least-squares line through the totals.
+least-squares line through the totals. Last, one batch size after idle gaps of growing length:
+what the same work costs on a core that idled before it.
 
     python benchmarks/serving_breakdown.py [--batches 1,2,4,8,16,32,64] [--rounds 200]
 """
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from benchmarks.timing import median_ms  # noqa: E402 - after the path set-up
+from benchmarks.serving import cpu_speed  # noqa: E402 - after the path set-up
+from benchmarks.timing import median_ms  # noqa: E402
 
 
 def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: int = 0) -> dict:
@@ -69,6 +71,35 @@ def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: i
     return row
 
 
+def after_idle(engine, client, users: list[str], *, batch: int = 4, gaps_ms: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0),
+               rounds: int = 150, seed: int = 0) -> list[dict]:
+    """A micro-batch's time when the thread slept before it (as a server's model thread does between
+    batches at low load) against back to back: the same work, on a core that idled meanwhile.
+    Median wall and thread-CPU ms per batch for each sleep; the rounds of each gap are interleaved."""
+    rng = random.Random(seed + 1000 + batch)
+    batches = []
+    for _ in range(16):
+        ids = [rng.choice(users) for _ in range(batch)]
+        batches.append((ids, [[str(i) for i in (f.get("recent_items") or [])] for f in client.users_features(ids, derived=False)]))
+    for ids, hist in batches:
+        engine.recommend(ids, k=20, histories=hist)
+    wall: dict[float, list[float]] = {g: [] for g in gaps_ms}
+    cpu: dict[float, list[float]] = {g: [] for g in gaps_ms}
+    for n in range(rounds):
+        for g in gaps_ms:
+            ids, hist = batches[n % len(batches)]
+            if g:
+                time.sleep(g / 1000.0)
+            else:
+                engine.recommend(ids, k=20, histories=hist)  # back to back: the batch before runs right before
+            t, c = time.perf_counter(), time.thread_time()
+            engine.recommend(ids, k=20, histories=hist)
+            wall[g].append(time.perf_counter() - t)
+            cpu[g].append(time.thread_time() - c)
+    med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1000, 3)  # noqa: E731
+    return [{"batch": batch, "idle_before_ms": g, "wall_ms": med(wall[g]), "cpu_ms": med(cpu[g])} for g in gaps_ms]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
@@ -97,9 +128,13 @@ def main() -> None:
         client = OnlineFeatureClient(settings, load_items=False)
         users = sorted(str(u) for u in engine.users.ids)
         rows = []
+        speed_start = cpu_speed()
         for b in batches:
             rows.append(breakdown(engine, client, users, b, args.rounds))
             print(rows[-1], flush=True)
+        idle = after_idle(engine, client, users)
+        print(idle, flush=True)
+        speed_end = cpu_speed()
         client.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -108,12 +143,14 @@ def main() -> None:
     slope, intercept = np.polyfit(x, y, 1) if len(rows) > 1 else (float("nan"), float("nan"))
     res = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "measured": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": [round(v, 2) for v in os.getloadavg()]},
+        "measured": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": [round(v, 2) for v in os.getloadavg()],
+                     "cpu_speed_start_end": [speed_start, speed_end]},
         "setup": {"items": len(world["dataset"].items), "users": len(users), "candidates": srv.candidates,
                   "sources": {s.name: int(engine.pipeline.quotas[s.name]) for s in engine.pipeline.sources},
                   "ranker_precision": engine.pipeline.ranker.precision, "model_threads": srv.model_threads,
                   "rounds": args.rounds, "setup_s": round(setup_s, 1)},
         "rows": rows,
+        "after_idle": idle,
         "fixed_ms_per_batch": round(float(intercept), 3),
         "ms_per_request": round(float(slope), 3),
     }
@@ -127,7 +164,8 @@ def render_md(r: dict) -> str:
     cols = ["batch", "candidates"] + [k for k in r["rows"][0] if k.startswith("source_")] + \
         ["merge_ms", "filter_ms", "ranking_ms", "dense_mlp_ms", "over_mlp_ms", "diversity_ms", "total_ms", "per_request_ms"]
     lines = ["# Serving engine breakdown (in-process, one thread, median ms per micro-batch)", "",
-             f"Measured {r['measured']['at']} (load average {r['measured']['load_avg']}); setup {r['setup']}.", "",
+             f"Measured {r['measured']['at']} (load average {r['measured']['load_avg']}; the host's CPU speed at the start and "
+             f"the end, as `benchmarks/serving.py` reads it: {r['measured'].get('cpu_speed_start_end')}); setup {r['setup']}.", "",
              "| " + " | ".join(c.replace("_ms", "").replace("source_", "src ") for c in cols) + " |",
              "|" + "---|" * len(cols)]
     for row in r["rows"]:
@@ -136,6 +174,11 @@ def render_md(r: dict) -> str:
               f"{r['ms_per_request']} ms per request**. Sources and merge make up retrieval; "
               "`Engine.recommend` adds id mapping and history rows. `dense mlp` / `over mlp`: the ranker's two "
               "MLPs alone on the batch's candidate rows (part of `ranking`)."]
+    if r.get("after_idle"):
+        lines += ["", "The same micro-batch after the thread slept (as a server's model thread does between batches at low "
+                  "load; median ms per batch, rounds interleaved):", "",
+                  "| batch | idle before (ms) | wall ms | thread CPU ms |", "|---|---|---|---|"]
+        lines += [f"| {x['batch']} | {x['idle_before_ms']} | {x['wall_ms']} | {x['cpu_ms']} |" for x in r["after_idle"]]
     return "\n".join(lines) + "\n"
 
 
