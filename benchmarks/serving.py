@@ -356,13 +356,14 @@ def http_part(args, work: Path) -> dict:
             points = []
             for conns in args.connections:  # the closed-loop curve; each endpoint's best point is its max
                 noop_run = run_wrk(srv.url + "/noop", script=None, connections=conns, duration=args.duration)
-                before = rec_counters(srv.url)
+                before, batches0 = rec_counters(srv.url), batch_totals(srv.url)
                 cpu0 = thread_cpu(workers)
                 rec_run = run_wrk(srv.url + "/", script=rec_lua, connections=conns, duration=args.duration)
                 cpu1 = thread_cpu(workers)
                 points.append({"connections": conns, "noop": {**noop_run, "load_avg": la},
                                "recommend": {**rec_run, "load_avg": la, **model_served(before, rec_counters(srv.url)),
-                                             "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, rec_run["rps"] * args.duration)}})
+                                             "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, rec_run["rps"] * args.duration),
+                                             "model_batch_size_mean": batch_mean_between(batches0, batch_totals(srv.url))}})
                 print("connections", conns, "recommend", rec_run["rps"], "noop", noop_run["rps"], flush=True)
             runs["sweep"].append(points)
             runs["noop"].append({**max((p_["noop"] for p_ in points), key=lambda x: x["rps"]),
@@ -416,7 +417,8 @@ def http_part(args, work: Path) -> dict:
                         f"{settings.serving.candidates} candidates) -> filter -> DLRM ranker (one batched forward per "
                         "micro-batch) -> diversity -> top-20"),
         "stage_metrics_sample": [l for l in metrics_text.splitlines() if l.startswith("recsys_stage_seconds_sum")],
-        "model_batch_size_mean": _batch_mean(metrics_text),
+        "model_batch_size_mean": runs["recommend"][len(runs["recommend"]) // 2].get("model_batch_size_mean"),
+        "model_batch_size_mean_whole_run": _batch_mean(metrics_text),
         "server_cpu_ms_per_request": runs["recommend"][len(runs["recommend"]) // 2].get("server_cpu_ms_per_request"),
         "open_loop_server_cpu_ms_per_request": runs["open_loop_half"][len(runs["open_loop_half"]) // 2].get("server_cpu_ms_per_request"),
         "open_loop_client_cpu_ms_per_request": spread([x.get("client_cpu_ms_per_request") for x in runs["open_loop_half"]], digits=3).get("median"),
@@ -441,7 +443,9 @@ def closed_loop_curve(sweeps: list[list[dict]]) -> list[dict]:
                     "recommend_to_noop": med([p_["recommend"]["rps"] / p_["noop"]["rps"] for p_ in pts]),
                     "recommend_p50_ms": med([p_["recommend"]["p50_ms"] for p_ in pts if p_["recommend"]["p50_ms"] is not None]),
                     "recommend_p99_ms": med([p_["recommend"]["p99_ms"] for p_ in pts if p_["recommend"]["p99_ms"] is not None]),
-                    "server_cpu_ms_per_request": med([p_["recommend"]["server_cpu_ms_per_request"]["total"] for p_ in pts])})
+                    "server_cpu_ms_per_request": med([p_["recommend"]["server_cpu_ms_per_request"]["total"] for p_ in pts]),
+                    "model_batch_size_mean": med([p_["recommend"]["model_batch_size_mean"] for p_ in pts
+                                                  if p_["recommend"].get("model_batch_size_mean")])})
     return out
 
 
@@ -503,7 +507,8 @@ def main() -> None:
                  "recommend_model_served_share", "open_loop_model_served_share",
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
-                 "model_batch_size_mean", "server_cpu_ms_per_request", "open_loop_server_cpu_ms_per_request",
+                 "model_batch_size_mean", "model_batch_size_mean_whole_run", "server_cpu_ms_per_request",
+                 "open_loop_server_cpu_ms_per_request",
                  "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "open_loop_where_time_went",
                  "closed_loop_curve", "open_loop_curve", "open_loop_p99_le_10ms_up_to_rps")
     cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
@@ -550,10 +555,10 @@ def _curve_md(curve: list[dict] | None) -> list[str]:
     if not curve:
         return []
     lines = ["Closed-loop curve (medians over repeats; the ratio is taken per repeat at the same concurrency):", "",
-             "| connections | no-op RPS | recommendation RPS | ratio | rec. p50 ms | rec. p99 ms | server CPU ms/rec. |",
-             "|---|---|---|---|---|---|---|"]
+             "| connections | no-op RPS | recommendation RPS | ratio | rec. p50 ms | rec. p99 ms | server CPU ms/rec. | requests per model batch |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['connections']} | {c['noop_rps']} | {c['recommend_rps']} | {c['recommend_to_noop']} | {c['recommend_p50_ms']} | "
-              f"{c['recommend_p99_ms']} | {c['server_cpu_ms_per_request']} |" for c in curve]
+              f"{c['recommend_p99_ms']} | {c['server_cpu_ms_per_request']} | {c.get('model_batch_size_mean')} |" for c in curve]
     return lines + [""]
 
 
@@ -620,8 +625,8 @@ def render_md(r: dict) -> str:
         *_curve_md(r.get("closed_loop_curve")),
         *_open_curve_md(r.get("open_loop_curve"), r.get("open_loop_p99_le_10ms_up_to_rps")),
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "
-        f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call: "
-        f"{r.get('model_batch_size_mean')}; ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}, "
+        f"repeat): {r.get('server_cpu_ms_per_request')}; mean requests per batched model call there: "
+        f"{r.get('model_batch_size_mean')} (over the whole run, every phase: {r.get('model_batch_size_mean_whole_run')}); ranker MLP precision: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_precision')}, "
         f"GEMMs: {r['setup'].get('ready', {}).get('detail', {}).get('ranker_mlp_backends')}.", "",
         f"At half load (open loop, middle repeat) the server spent {r.get('open_loop_server_cpu_ms_per_request')} ms of CPU per "
         f"recommendation and the open-loop client {r.get('open_loop_client_cpu_ms_per_request')} ms (median over repeats); "
