@@ -191,11 +191,15 @@ def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: 
     return out
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """(requests, batched model calls) so far, all workers (``recsys_model_batch_size`` sum and count)."""
-    text = subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout
-    vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", text, re.M))
+def _batch_sums(metrics_text: str) -> tuple[float, float]:
+    """(requests, batched model calls) in a Prometheus text (``recsys_model_batch_size`` sum and count)."""
+    vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", metrics_text, re.M))
     return float(vals.get("sum", 0.0)), float(vals.get("count", 0.0))
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(requests, batched model calls) so far, all workers."""
+    return _batch_sums(subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout)
 
 
 def batch_mean_between(before: tuple[float, float], after: tuple[float, float]) -> float | None:
@@ -205,8 +209,8 @@ def batch_mean_between(before: tuple[float, float], after: tuple[float, float]) 
 
 
 def _batch_mean(metrics_text: str) -> float | None:
-    vals = dict(re.findall(r"^recsys_model_batch_size_(sum|count) ([\d.e+]+)$", metrics_text, re.M))
-    return round(float(vals["sum"]) / float(vals["count"]), 2) if vals.get("count") and float(vals["count"]) else None
+    """Mean requests per batched model call since the server started."""
+    return batch_mean_between((0.0, 0.0), _batch_sums(metrics_text))
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -431,13 +435,17 @@ def http_part(args, work: Path) -> dict:
     return res
 
 
+def _median3(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
 def closed_loop_curve(sweeps: list[list[dict]]) -> list[dict]:
     """Per concurrency, medians over repeats: no-op and recommendation RPS, their ratio (per repeat,
     then the median), the recommendation's p50 / p99 and server CPU per request."""
     out = []
     for i, conns in enumerate(p_["connections"] for p_ in sweeps[0]):
         pts = [sw[i] for sw in sweeps]
-        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        med = _median3
         out.append({"connections": conns, "noop_rps": med([p_["noop"]["rps"] for p_ in pts]),
                     "recommend_rps": med([p_["recommend"]["rps"] for p_ in pts]),
                     "recommend_to_noop": med([p_["recommend"]["rps"] / p_["noop"]["rps"] for p_ in pts]),
@@ -456,7 +464,7 @@ def open_loop_curve(repeats: list[list[dict]]) -> list[dict]:
     out = []
     for i, fraction in enumerate(p_["fraction"] for p_ in repeats[0]):
         pts = [rep[i] for rep in repeats]
-        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        med = _median3
         p99s = [p_["p99_ms"] for p_ in pts]
         out.append({"fraction": fraction, "rate": med([p_["rate"] for p_ in pts]), "p50_ms": med([p_["p50_ms"] for p_ in pts]),
                     "p99_ms": med(p99s), "p99_ms_min": min(p99s), "p99_ms_max": max(p99s),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.serving import _fractions, batch_mean_between, open_loop_curve  # noqa: E402
+from benchmarks.serving import _batch_mean, _fractions, batch_mean_between, open_loop_curve  # noqa: E402
 
 
 def _point(fraction: float, rate: float, p99: float, cpu: float, batch: float | None, share: float | None = 1.0) -> dict:
@@ -44,3 +44,6 @@ def test_fractions_are_sorted_and_always_include_the_half_load_target():
 def test_batch_mean_between_two_snapshots():
     assert batch_mean_between((100.0, 40.0), (160.0, 60.0)) == 3.0
     assert batch_mean_between((100.0, 40.0), (100.0, 40.0)) is None  # no batch in between
+    text = "# HELP ...\nrecsys_model_batch_size_sum 30.0\nrecsys_model_batch_size_count 10.0\n"
+    assert _batch_mean(text) == 3.0
+    assert _batch_mean("") is None  # no batch since start
