@@ -340,7 +340,7 @@ def http_part(args, work: Path) -> dict:
                            "setup_s": round(setup_s, 1), "workers": 2, "connections": args.connections,
                            "duration_s": args.duration, "repeats": args.repeats}}
     runs: dict[str, list] = {"noop": [], "recommend": [], "sweep": [], "events_single": [], "events_batch50": [],
-                             "open_loop_half": [], "open_loop_curve": [], "cpu_speed": []}
+                             "open_loop_curve": [], "cpu_speed": []}
     with ServerProcess(settings, workers=2) as srv:
         info = json.loads(subprocess.run(["curl", "-s", srv.url + "/readyz"], capture_output=True, text=True).stdout)
         res["setup"]["ready"] = info
@@ -388,14 +388,14 @@ def http_part(args, work: Path) -> dict:
                          "server_threads_sched": run_queue_wait(sched0, sched1, t1 - t0),
                          "model_batch_size_mean": batch_mean_between(batches0, batch_totals(srv.url))}
                 curve_points.append(point)
-                if fraction == 0.5:
-                    runs["open_loop_half"].append(point)
                 print("open loop", fraction, "rate", point["rate"], "p99", point["p99_ms"], flush=True)
             runs["open_loop_curve"].append(curve_points)
             runs["events_single"].append({**run_wrk(srv.url + "/", script=ev1, connections=args.connections[0], duration=args.duration), "load_avg": load_avg()})
             runs["events_batch50"].append({**run_wrk(srv.url + "/", script=ev50, connections=16, duration=args.duration), "load_avg": load_avg()})
             print("repeat", r, {k: v[-1] for k, v in runs.items()}, flush=True)
         metrics_text = subprocess.run(["curl", "-s", srv.url + "/metrics"], capture_output=True, text=True).stdout
+    # the target's point of each repeat's curve (``_fractions`` always includes 0.5)
+    runs["open_loop_half"] = [next(p_ for p_ in rep if p_["fraction"] == 0.5) for rep in runs["open_loop_curve"]]
     res["runs"] = runs
     noop = spread([x["rps"] for x in runs["noop"]])
     rec = spread([x["rps"] for x in runs["recommend"]])
