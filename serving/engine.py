@@ -37,16 +37,16 @@ class Engine:
     # ---- request path --------------------------------------------------------------------
     def _history_matrix(self, histories: Sequence[Sequence[str]]):
         """Consumed-items rows (requests x catalog, 1.0 per distinct known item, columns sorted),
-        built as CSR arrays in one compiled pass (no scipy COO conversion, no global sort)."""
-        import scipy.sparse as sp
-
+        built as CSR arrays in one compiled pass and handed on bare (``models.two_stage.CSRRows``:
+        no scipy construction, which re-validates and re-types them on every batch)."""
         from models.kernels import history_rows_csr
+        from models.two_stage import CSRRows
 
         index = self.items.index
         cols = np.array([index.get(str(item), -1) for h in histories for item in h], dtype=np.int64)
         lengths = np.array([len(h) for h in histories], dtype=np.int64)
         indptr, indices, data = history_rows_csr(cols, lengths)
-        return sp.csr_matrix((data, indices, indptr), shape=(len(histories), len(self.items)))
+        return CSRRows(indptr, indices, data, (len(histories), len(self.items)))
 
     def recommend(self, user_ids: Sequence[str], *, k: int, histories: Sequence[Sequence[str]] | None = None,
                   blocked: Sequence[Sequence[str]] | None = None) -> tuple[list[tuple[list[str], list[float]]], dict[str, float]]:
@@ -72,7 +72,7 @@ class Engine:
             stored = p.history_rows(users, None)
             use = np.zeros(len(users), bool)
             use[missing] = True
-            hist = (sp.diags(use.astype(np.float32)) @ stored + sp.diags((~use).astype(np.float32)) @ hist).tocsr()
+            hist = (sp.diags(use.astype(np.float32)) @ stored + sp.diags((~use).astype(np.float32)) @ hist.tocsr()).tocsr()
         blocked_idx = None
         if blocked is not None and any(blocked):
             blocked_idx = [[int(i) for i in self.items.encode(list(b), unknown="minus_one") if i >= 0] for b in blocked]

@@ -215,14 +215,20 @@ def test_request_ids_are_unique_hex() -> None:
 def test_history_rows_are_distinct_known_items_per_request():
     """The engine's history rows (built straight as CSR arrays): one 1.0 per distinct known item,
     unknown ids and duplicates dropped, empty histories empty, columns sorted."""
+    import numpy as np
+
     from models.base import IdMap
     from serving.engine import Engine
 
     items = IdMap(tuple(f"i{j}" for j in range(6)))
     eng = Engine(retrieval=None, pipeline=None, items=items, users=IdMap(("u",)), versions={})
     m = eng._history_matrix([["i3", "i1", "i3", "nope"], [], ["i5"], ["nope"]])  # noqa: SLF001
-    assert m.shape == (4, 6) and m.has_sorted_indices
-    assert m.toarray().tolist() == [[0, 1, 0, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 1], [0] * 6]
+    assert m.shape == (4, 6) and m.nnz == 3
+    # the kernels' dtypes as built (no conversion, hence no copy, on the request path)
+    assert (m.indptr.dtype, m.indices.dtype, m.data.dtype) == (np.int64, np.int64, np.float32)
+    csr = m.tocsr()
+    assert csr.has_sorted_indices
+    assert csr.toarray().tolist() == [[0, 1, 0, 1, 0, 0], [0] * 6, [0, 0, 0, 0, 0, 1], [0] * 6]
     assert eng._history_matrix([]).shape == (0, 6)  # noqa: SLF001
 
 
