@@ -312,6 +312,33 @@ def test_pipeline_from_artifacts_recommends_exactly_like_the_trained_one(trained
     assert rows.shape == (2, train.n_items) and rows[1].nnz == 0 and rows[0].nnz == train.csr()[0].nnz
 
 
+def test_bare_csr_request_rows_retrieve_exactly_like_a_scipy_matrix(trained_pair):
+    """Serving hands a batch's history rows to the pipeline as bare CSR arrays (``CSRRows``: no scipy
+    matrix built and validated per batch): every source, the merge and the ranker give exactly what
+    they give for the scipy matrix, and batches with the same source layout share the merge's
+    column arrays (built once)."""
+    from models.artifacts import load_artifact
+    from models.two_stage import CSRRows, pipeline_from_artifacts
+
+    t = trained_pair
+    retrieval = load_artifact(t["root"] / "two_tower").build()
+    pipe = pipeline_from_artifacts(retrieval, load_artifact(t["root"] / "ranker"), n_candidates=60)
+    users = np.arange(min(25, t["train"].n_users))
+    hist = pipe.history_rows(users)
+    hist.sort_indices()
+    bare = CSRRows(hist.indptr.astype(np.int64), hist.indices.astype(np.int64), hist.data.astype(np.float32), hist.shape)
+    assert bare.nnz == hist.nnz > 0 and (bare.tocsr() != hist).nnz == 0
+    a, b = pipe.retrieve(users, hist, exclude=hist), pipe.retrieve(users, bare, exclude=bare)
+    for name in ("request", "item", "features", "source_mask"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(pipe.rank(users, a), pipe.rank(users, b))
+    assert len(pipe._layouts) == 1  # noqa: SLF001 - both batches used one layout, built once
+    for source in pipe.sources:  # each source alone, too (exclusions applied from the bare rows)
+        q = int(pipe.quotas[source.name])
+        for x, y in zip(source.retrieve(users, hist, q, exclude=hist), source.retrieve(users, bare, q, exclude=bare)):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.slow
 def test_pipeline_from_artifacts_aligns_a_retrieval_model_with_another_catalog(trained_pair):
     """A retrieval model trained on part of the catalog, users and items in another order: items it
