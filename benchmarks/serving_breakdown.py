@@ -8,7 +8,8 @@ the real online histories of the requested users. For each batch size: wall time
 candidate source, the merge, filter, ranking (DLRM), diversity, and the whole
 ``Engine.recommend`` call; the per-batch fixed cost and the per-request cost come from a
 least-squares line through the totals. Last, one batch size after idle gaps of growing length:
-what the same work costs on a core that idled before it.
+what the same work costs on a core that idled before it; and batches with the other core idle or
+busy (a CPU-only loop, a memory-streaming loop): what a neighbour's cache and memory traffic adds.
 
     python benchmarks/serving_breakdown.py [--batches 1,2,4,8,16,32,64] [--rounds 200]
 """
@@ -100,6 +101,64 @@ def after_idle(engine, client, users: list[str], *, batch: int = 4, gaps_ms: tup
     return [{"batch": batch, "idle_before_ms": g, "wall_ms": med(wall[g]), "cpu_ms": med(cpu[g])} for g in gaps_ms]
 
 
+#: what runs on the other core beside the batch: nothing, a pure-Python loop (CPU only, a few KB of
+#: memory), and a loop streaming a 16 MB array (past this machine's 8 MB L3: memory traffic, as the
+#: other worker's model thread, the event loops and the load generator make in the server)
+CO_RUNNERS = {
+    "idle": None,
+    "python_loop": "x = 0\nwhile True: x += 1",
+    "memory_stream": "import numpy as np\na = np.ones(4_000_000, np.float32)\nwhile True: a *= 1.0000001",
+}
+
+
+def beside_other_core(engine, client, users: list[str], *, batches: tuple[int, ...] = (1, 4), rounds: int = 150,
+                      repeats: int = 2, seed: int = 0) -> list[dict] | None:
+    """A micro-batch's thread CPU with this process pinned to one core and the other core idle, or
+    running a co-runner process (``CO_RUNNERS``): what the same work costs while the neighbouring
+    core competes for the shared cache and memory. In the server a batch of one costs ~1.4x its
+    in-process time; this tells whether a busy neighbour explains it. Median ms per batch, each
+    co-runner ``repeats`` times in interleaved order. None where the process cannot be pinned."""
+    import subprocess
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return None
+    mine, other = sorted(os.sched_getaffinity(0))[:2]
+    before = os.sched_getaffinity(0)
+    rng = random.Random(seed + 2000)
+    work = {}
+    for b in batches:
+        work[b] = []
+        for _ in range(16):
+            ids = [rng.choice(users) for _ in range(b)]
+            work[b].append((ids, [[str(i) for i in (f.get("recent_items") or [])]
+                                  for f in client.users_features(ids, derived=False)]))
+    times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in CO_RUNNERS for b in batches}
+    os.sched_setaffinity(0, {mine})
+    try:
+        for _ in range(repeats):
+            for name, code in CO_RUNNERS.items():
+                proc = None
+                if code:
+                    proc = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{other}}})\n{code}"])
+                    time.sleep(0.3)  # started and pinned
+                try:
+                    for b in batches:
+                        for n in range(rounds):
+                            ids, hist = work[b][n % len(work[b])]
+                            c = time.thread_time()
+                            engine.recommend(ids, k=20, histories=hist)
+                            times[(name, b)].append(time.thread_time() - c)
+                finally:
+                    if proc is not None:
+                        proc.kill()
+                        proc.wait()
+    finally:
+        os.sched_setaffinity(0, before)
+    med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1000, 3)  # noqa: E731
+    return [{"batch": b, "other_core": name, "cpu_ms": med(times[(name, b)]),
+             "vs_idle": round(med(times[(name, b)]) / med(times[("idle", b)]), 2)} for b in batches for name in CO_RUNNERS]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
@@ -134,6 +193,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         idle = after_idle(engine, client, users)
         print(idle, flush=True)
+        beside = beside_other_core(engine, client, users)
+        print(beside, flush=True)
         speed_end = cpu_speed()
         client.close()
     finally:
@@ -151,6 +212,7 @@ def main() -> None:
                   "rounds": args.rounds, "setup_s": round(setup_s, 1)},
         "rows": rows,
         "after_idle": idle,
+        "beside_other_core": beside,
         "fixed_ms_per_batch": round(float(intercept), 3),
         "ms_per_request": round(float(slope), 3),
     }
@@ -179,6 +241,12 @@ def render_md(r: dict) -> str:
                   "load; median ms per batch, rounds interleaved):", "",
                   "| batch | idle before (ms) | wall ms | thread CPU ms |", "|---|---|---|---|"]
         lines += [f"| {x['batch']} | {x['idle_before_ms']} | {x['wall_ms']} | {x['cpu_ms']} |" for x in r["after_idle"]]
+    if r.get("beside_other_core"):
+        lines += ["", "The same micro-batch with this process pinned to one core and the other core idle, running a "
+                  "pure-Python loop, or streaming a 16 MB array (median thread-CPU ms per batch; co-runners interleaved):", "",
+                  "| batch | other core | thread CPU ms | vs idle |", "|---|---|---|---|"]
+        lines += [f"| {x['batch']} | {x['other_core'].replace('_', ' ')} | {x['cpu_ms']} | {x['vs_idle']} |"
+                  for x in r["beside_other_core"]]
     return "\n".join(lines) + "\n"
 
 
