@@ -558,8 +558,7 @@ class UserTower:
         for (key, table), col in zip(self.tables, self.columns):
             lengths, values = parts[key]
             bag_means_into(x, col, table, np.asarray(lengths, dtype=np.int64), np.asarray(values, dtype=np.int64))
-        with torch.inference_mode():
-            out = self.mlp(torch.from_numpy(x)).numpy()
+        out = self.mlp.numpy(x)  # numpy's matmul at micro-batch sizes, torch past them
         l2_normalize_rows(out)
         return out
 

@@ -228,3 +228,34 @@ def test_an_op_that_cannot_run_here_falls_back_to_plain_linear(monkeypatch):
     x = torch.randn(300, 11, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(stack(x), mlp(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+def test_numpy_entry_equals_the_module_and_leaves_numpy_only_below_the_bound(rows, monkeypatch):
+    """``LinearStack.numpy``: numpy's matmul for small fp32 calls (a micro-batch's user tower), the
+    module's numbers within float32 rounding; past ``NUMPY_MAX_MACS`` per layer call it runs the
+    torch path (numpy's BLAS would thread it); wrong widths are refused."""
+    import torch
+    from torch import nn
+
+    import models.inference as inference
+    from models.inference import NUMPY_MAX_MACS, LinearStack
+
+    mlp = _mlp([152, 32, 64])
+    stack = LinearStack([m for m in mlp if isinstance(m, nn.Linear)], [True, False], precision="fp32",
+                        backend="mkl")  # no backend timing: the only torch call is the one under test
+    x = np.random.default_rng(rows).standard_normal((rows, 152)).astype(np.float32)
+    with torch.inference_mode():
+        want = mlp(torch.from_numpy(x)).numpy()
+    got = stack.numpy(x)
+    assert got.dtype == np.float32 and got.shape == (rows, 64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    on_numpy = rows * 152 * 32 <= NUMPY_MAX_MACS
+    calls = []
+    monkeypatch.setattr(inference.LinearStack, "_run", lambda self, t, onednn: calls.append(len(t)) or
+                        torch.from_numpy(want.copy()))
+    stack.numpy(x)
+    assert calls == ([] if on_numpy else [rows]), "numpy below the bound, torch above it"
+    assert (rows == 300) != on_numpy  # both sides of the bound are exercised
+    with pytest.raises(ValueError, match="expected"):
+        stack.numpy(x[:, :10])
