@@ -26,6 +26,10 @@ class FeatureSettings(Section):
     store_dir: Path = Field(Path("features"), description="Registry, SQLite online store, generated feature_store.yaml and "
                                                           "feature tables; relative to paths.var_dir.")
     online_cache_ttl_s: float = Field(5.0, ge=0, description="Per-process cache of a user's online features (0: no cache).")
+    online_cache_max_users: int = Field(
+        50_000, ge=1, description="Most users a process keeps in that cache (~4 KB each with 50 recent items): past it, "
+                                  "expired entries are dropped first, then the oldest written, so a worker serving "
+                                  "millions of users does not grow without bound.")
     online_cache_refresh_ahead: float = Field(
         0.0, ge=0, lt=1, description="The serving path re-reads a user's cached features in the background when a request "
                                      "finds the entry within this fraction of online_cache_ttl_s of expiring (0: off), so "

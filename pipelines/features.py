@@ -456,6 +456,7 @@ class OnlineFeatureClient:
         self._paths = _require_built(settings)
         self.store = store or feature_store(settings, serving=True)
         self.cache_ttl_s = float(settings.features.online_cache_ttl_s)
+        self.cache_max_users = int(settings.features.online_cache_max_users)
         self.user_columns = tuple(c for v in S.USER_VIEWS if v in views for c in views[v])
         self.item_columns = tuple(c for v in S.ITEM_VIEWS if v in views for c in views[v])
         self._user_refs = [f"{v}:{c}" for v in S.USER_VIEWS if v in views for c in views[v]]
@@ -560,7 +561,7 @@ class OnlineFeatureClient:
                 raws[j] = read[uids[j]]
             if self.cache_ttl_s > 0:
                 for uid, raw in read.items():
-                    self._cache[uid] = (t + self.cache_ttl_s, raw)
+                    self._remember(uid, t + self.cache_ttl_s, raw)
         if not derived:
             if columns is not None:
                 return [{c: r[c] for c in want} for r in raws]  # type: ignore[index]
@@ -579,6 +580,25 @@ class OnlineFeatureClient:
         if raw is None:
             return None
         return dict(raw) if columns is None else {c: raw[c] for c in want}
+
+    def _remember(self, uid: str, expires: float, raw: dict[str, Any]) -> None:
+        """Cache one user's features until ``expires`` (monotonic seconds). The cache holds at most
+        ``cache_max_users``: once past it, expired entries go, then the oldest written, down to 90%
+        of the bound (one pass per tenth of the bound's inserts). Reads, writes and trims come from
+        the event loop and worker threads: each step is one dict operation or a snapshot taken in C,
+        atomic under the GIL."""
+        self._cache.pop(uid, None)  # re-inserted last: the dict's order is the order of the writes
+        self._cache[uid] = (expires, raw)
+        if len(self._cache) <= self.cache_max_users:
+            return
+        now = time.monotonic()
+        for u, (exp, _) in list(self._cache.items()):
+            if exp <= now:
+                self._cache.pop(u, None)
+        excess = len(self._cache) - int(self.cache_max_users * 0.9)
+        if excess > 0:
+            for u in list(self._cache)[:excess]:
+                self._cache.pop(u, None)
 
     def cache_expires_in(self, user_id: str) -> float | None:
         """Seconds until the user's cache entry expires (None: no fresh entry)."""
@@ -760,7 +780,7 @@ class OnlineFeatureClient:
             for view in S.USER_VIEWS:
                 writes[view].append((uid, new, when))
             if self.cache_ttl_s > 0:
-                self._cache[uid] = (time.monotonic() + self.cache_ttl_s, {c: new[c] for c in self.user_columns})
+                self._remember(uid, time.monotonic() + self.cache_ttl_s, {c: new[c] for c in self.user_columns})
             else:
                 self._cache.pop(uid, None)
         for view, rows in writes.items():

@@ -368,6 +368,42 @@ def test_apply_events_is_visible_immediately(store_settings, materialized) -> No
 
 @pytest.mark.slow  # importing Feast alone takes seconds
 @pytest.mark.slow
+def test_user_cache_is_bounded_expired_entries_first_then_the_oldest(store_settings, materialized) -> None:
+    """``features.online_cache_max_users``: a process serving millions of users keeps at most that
+    many cache entries. Past the bound, expired entries are dropped first, then the oldest written,
+    down to 90% of it; what stays is still served from the cache."""
+    import time as _time
+
+    from feature_defs.schema import USER_HISTORY_COLUMNS
+    from pipelines.features import OnlineFeatureClient
+
+    s = store_settings.model_copy(update={"features": store_settings.features.model_copy(
+        update={"online_cache_ttl_s": 60.0, "online_cache_max_users": 10})})
+    client = OnlineFeatureClient(s, load_items=False)
+
+    def read(prefix: str, n: int) -> list[str]:
+        uids = [f"{prefix}{j}" for j in range(n)]
+        for uid in uids:  # one read each: the order of the writes is the order of these users
+            client.users_features([uid], derived=False, columns=USER_HISTORY_COLUMNS)
+        return uids
+
+    cached = lambda uid: client.cached_user_features(uid, columns=USER_HISTORY_COLUMNS) is not None  # noqa: E731
+    old = read("old", 5)
+    client.cache_ttl_s = 0.05
+    brief = read("brief", 5)  # newer than the old ones, but about to expire
+    _time.sleep(0.1)
+    client.cache_ttl_s = 60.0
+    read("new", 1)  # the 11th entry: the expired ones go, nothing else has to
+    assert all(cached(u) for u in old + ["new0"]) and not any(cached(u) for u in brief)
+    newer = read("more", 8)  # past the bound again, nothing expired: the oldest written go
+    assert len(client._cache) <= 10  # noqa: SLF001
+    assert not cached("old0") and not cached("old1") and all(cached(u) for u in newer)
+    # the oldest entry now is old4; read again (a refresh) it is the newest: the next trim keeps it
+    client.users_features(["old4"], derived=False, columns=USER_HISTORY_COLUMNS, refresh=True)
+    read("last", 2)
+    assert cached("old4") and not cached("new0")
+
+
 def test_online_reads_equal_feasts_get_online_features(store_settings, materialized) -> None:
     """User reads go through the provider's ``online_read`` (no per-call request building); they
     must give exactly what ``get_online_features`` gives, for every column, a column subset,
