@@ -595,7 +595,7 @@ class OnlineFeatureClient:
         for u, (exp, _) in list(self._cache.items()):
             if exp <= now:
                 self._cache.pop(u, None)
-        excess = len(self._cache) - int(self.cache_max_users * 0.9)
+        excess = len(self._cache) - max(int(self.cache_max_users * 0.9), 1)  # the entry just written stays
         if excess > 0:
             for u in list(self._cache)[:excess]:
                 self._cache.pop(u, None)
