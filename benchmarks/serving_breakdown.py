@@ -34,11 +34,22 @@ from benchmarks.serving import cpu_speed  # noqa: E402 - after the path set-up
 from benchmarks.timing import median_ms  # noqa: E402
 
 
+def _sampled_batches(client, users: list[str], batch: int, n: int, rng: random.Random) -> list[tuple[list[str], list[list[str]]]]:
+    """``n`` micro-batches of ``batch`` random known users, each with its users' real online histories."""
+    out = []
+    for _ in range(n):
+        ids = [rng.choice(users) for _ in range(batch)]
+        out.append((ids, [[str(i) for i in (f.get("recent_items") or [])] for f in client.users_features(ids, derived=False)]))
+    return out
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(sorted(seconds)[len(seconds) // 2] * 1000, 3)
+
+
 def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: int = 0) -> dict:
     """Median stage times (ms) for one fixed batch of ``batch`` random known users."""
-    rng = random.Random(seed + batch)
-    ids = [rng.choice(users) for _ in range(batch)]
-    hist = [[str(i) for i in (f.get("recent_items") or [])] for f in client.users_features(ids, derived=False)]
+    ((ids, hist),) = _sampled_batches(client, users, batch, 1, random.Random(seed + batch))
     p = engine.pipeline
     uidx = engine.users.encode(ids, unknown="minus_one")
     h = engine._history_matrix(hist)  # noqa: SLF001 - the engine's own history rows
@@ -77,11 +88,7 @@ def after_idle(engine, client, users: list[str], *, batch: int = 4, gaps_ms: tup
     """A micro-batch's time when the thread slept before it (as a server's model thread does between
     batches at low load) against back to back: the same work, on a core that idled meanwhile.
     Median wall and thread-CPU ms per batch for each sleep; the rounds of each gap are interleaved."""
-    rng = random.Random(seed + 1000 + batch)
-    batches = []
-    for _ in range(16):
-        ids = [rng.choice(users) for _ in range(batch)]
-        batches.append((ids, [[str(i) for i in (f.get("recent_items") or [])] for f in client.users_features(ids, derived=False)]))
+    batches = _sampled_batches(client, users, batch, 16, random.Random(seed + 1000 + batch))
     for ids, hist in batches:
         engine.recommend(ids, k=20, histories=hist)
     wall: dict[float, list[float]] = {g: [] for g in gaps_ms}
@@ -97,8 +104,7 @@ def after_idle(engine, client, users: list[str], *, batch: int = 4, gaps_ms: tup
             engine.recommend(ids, k=20, histories=hist)
             wall[g].append(time.perf_counter() - t)
             cpu[g].append(time.thread_time() - c)
-    med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1000, 3)  # noqa: E731
-    return [{"batch": batch, "idle_before_ms": g, "wall_ms": med(wall[g]), "cpu_ms": med(cpu[g])} for g in gaps_ms]
+    return [{"batch": batch, "idle_before_ms": g, "wall_ms": _median_ms(wall[g]), "cpu_ms": _median_ms(cpu[g])} for g in gaps_ms]
 
 
 #: what runs on the other core beside the batch: nothing, a pure-Python loop (CPU only, a few KB of
@@ -125,13 +131,7 @@ def beside_other_core(engine, client, users: list[str], *, batches: tuple[int, .
     mine, other = sorted(os.sched_getaffinity(0))[:2]
     before = os.sched_getaffinity(0)
     rng = random.Random(seed + 2000)
-    work = {}
-    for b in batches:
-        work[b] = []
-        for _ in range(16):
-            ids = [rng.choice(users) for _ in range(b)]
-            work[b].append((ids, [[str(i) for i in (f.get("recent_items") or [])]
-                                  for f in client.users_features(ids, derived=False)]))
+    work = {b: _sampled_batches(client, users, b, 16, rng) for b in batches}
     times: dict[tuple[str, int], list[float]] = {(name, b): [] for name in CO_RUNNERS for b in batches}
     os.sched_setaffinity(0, {mine})
     try:
@@ -154,9 +154,9 @@ def beside_other_core(engine, client, users: list[str], *, batches: tuple[int, .
                         proc.wait()
     finally:
         os.sched_setaffinity(0, before)
-    med = lambda xs: round(sorted(xs)[len(xs) // 2] * 1000, 3)  # noqa: E731
-    return [{"batch": b, "other_core": name, "cpu_ms": med(times[(name, b)]),
-             "vs_idle": round(med(times[(name, b)]) / med(times[("idle", b)]), 2)} for b in batches for name in CO_RUNNERS]
+    return [{"batch": b, "other_core": name, "cpu_ms": _median_ms(times[(name, b)]),
+             "vs_idle": round(_median_ms(times[(name, b)]) / _median_ms(times[("idle", b)]), 2)}
+            for b in batches for name in CO_RUNNERS]
 
 
 def main() -> None:
