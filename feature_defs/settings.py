@@ -25,7 +25,18 @@ class FeatureSettings(Section):
     redis_key_ttl_s: int | None = Field(None, ge=1, description="Expire Redis keys of entities not written for this long (None: never).")
     store_dir: Path = Field(Path("features"), description="Registry, SQLite online store, generated feature_store.yaml and "
                                                           "feature tables; relative to paths.var_dir.")
-    online_cache_ttl_s: float = Field(5.0, ge=0, description="Per-process cache of a user's online features (0: no cache).")
+    online_cache_ttl_s: float = Field(
+        60.0, ge=0, description="Per-process cache of a user's online features (0: no cache). With online_change_stamps, "
+                                "a write made on this host invalidates the entry at once, and the TTL bounds only writes "
+                                "made on other hosts sharing the store (and Redis keys expiring); without them it bounds "
+                                "every other process's writes (docs/features.md).")
+    online_change_stamps: bool = Field(
+        True, description="Writers of user features on this host (apply_events, materialisation) bump a per-user counter "
+                          "in a memory-mapped file under store_dir; a cache hit counts only while its counter is unchanged.")
+    online_change_stamp_slots: int = Field(
+        1 << 20, ge=1, le=1 << 28, description="Counters in that file (4 bytes each; users share one by crc32, which only "
+                                                "costs spurious re-reads). Applies when the file is created; an existing "
+                                                "file keeps its count.")
     online_cache_max_users: int = Field(
         50_000, ge=1, description="Most users a process keeps in that cache (~4 KB each with 50 recent items): past it, "
                                   "expired entries are dropped first, then the oldest written, so a worker serving "

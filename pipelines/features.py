@@ -40,6 +40,8 @@ from feature_defs import schema as S
 if TYPE_CHECKING:  # pragma: no cover
     from feast import FeatureStore
 
+    from pipelines.feature_stamps import ChangeStamps
+
 
 # ---- paths and the generated Feast config -------------------------------------------------------
 
@@ -53,12 +55,14 @@ class FeaturePaths:
     online_db: Path
     repo_yaml: Path
     metadata: Path
+    change_stamps: Path
 
 
 def feature_paths(settings: Settings) -> FeaturePaths:
     d = settings.features.resolved_dir(settings.paths.var_dir)
     return FeaturePaths(store_dir=d, tables_dir=d / "tables", registry=d / "registry.db",
-                        online_db=d / "online.db", repo_yaml=d / "feature_store.yaml", metadata=d / "tables" / "metadata.json")
+                        online_db=d / "online.db", repo_yaml=d / "feature_store.yaml", metadata=d / "tables" / "metadata.json",
+                        change_stamps=d / "online_change_stamps")
 
 
 def redis_connection_string(url: str) -> str:
@@ -126,6 +130,17 @@ def feature_store(settings: Settings, *, serving: bool = False) -> "FeatureStore
     paths.store_dir.mkdir(parents=True, exist_ok=True)
     config = RepoConfig(**repo_config_dict(settings, serving=serving), repo_path=Path(__file__).resolve().parents[1] / "feature_defs")
     return FeatureStore(config=config)
+
+
+def change_stamps(settings: Settings) -> "ChangeStamps | None":
+    """This host's change stamps of the online store's user features
+    (:mod:`pipelines.feature_stamps`), or None when ``features.online_change_stamps`` is off."""
+    cfg = settings.features
+    if not cfg.online_change_stamps:
+        return None
+    from pipelines.feature_stamps import ChangeStamps
+
+    return ChangeStamps(feature_paths(settings).change_stamps, slots=cfg.online_change_stamp_slots)
 
 
 def category_vocab(paths: FeaturePaths) -> list[str]:
@@ -249,11 +264,10 @@ def materialize(*, settings: Settings, end: date | datetime | None = None, quiet
 
     A view never materialised before starts from its table's first snapshot (Feast's own
     incremental default, "now - ttl" or one year back, would skip a historical dataset).
+
+    Afterwards (also after a failure part-way) it bumps this host's global change stamp, so
+    every serving process here drops the user features it cached before (docs/features.md).
     """
-    import duckdb
-
-    from feature_defs.definitions import table_path
-
     t0 = time.perf_counter()
     paths = _require_built(settings)
     if end is None:
@@ -264,6 +278,23 @@ def materialize(*, settings: Settings, end: date | datetime | None = None, quiet
         end_ts = _end_of_day(end)
     store = feature_store(settings)
     report: dict[str, dict[str, Any]] = {}
+    stamps = change_stamps(settings)
+    try:
+        _materialize_views(store, paths, end_ts=end_ts, report=report, quiet=quiet)
+    finally:
+        if stamps is not None:
+            stamps.bump_all()
+    return MaterializeReport(end=end_ts.isoformat(), online_store=settings.features.online_store, views=report,
+                             seconds=round(time.perf_counter() - t0, 3))
+
+
+def _materialize_views(store: "FeatureStore", paths: FeaturePaths, *, end_ts: datetime, report: dict[str, dict[str, Any]],
+                       quiet: bool) -> None:
+    """:func:`materialize`'s work, view by view, recorded in ``report``."""
+    import duckdb
+
+    from feature_defs.definitions import table_path
+
     for view in S.VIEW_COLUMNS:
         fv = store.get_feature_view(view)
         start = fv.most_recent_end_time
@@ -294,8 +325,6 @@ def materialize(*, settings: Settings, end: date | datetime | None = None, quiet
                 store.materialize_incremental(end_date=end_ts, feature_views=[view])
         report[view] = {"from": start_ts.isoformat(), "to": end_ts.isoformat(), "snapshot_rows": rows,
                         "entities_written": entities}
-    return MaterializeReport(end=end_ts.isoformat(), online_store=settings.features.online_store, views=report,
-                             seconds=round(time.perf_counter() - t0, 3))
 
 
 # ---- training sets ----------------------------------------------------------------------------
@@ -384,6 +413,9 @@ def _quiet_duckdb_backend() -> None:
 
 # ---- online ------------------------------------------------------------------------------------
 
+#: outcomes of a user-cache lookup (:meth:`OnlineFeatureClient.cache_lookup`)
+HIT, MISS, CHANGED = "hit", "miss", "changed"
+
 @dataclass
 class ItemBatch:
     """Features of a list of candidate items, gathered from the in-process table.
@@ -425,11 +457,12 @@ class OnlineFeatureClient:
 
     - :meth:`user_features` reads the user's views from Feast's online store through the
       provider's ``online_read`` (one call per view; one user's history ~0.02 ms, against ~0.08
-      through ``get_online_features``), behind a per-process TTL cache of
-      ``features.online_cache_ttl_s``.
-      :meth:`apply_events` in the same process updates the cache as it writes, so the process
-      that logs an event sees it at once; *other* processes see it when their cache entry
-      expires (at most the TTL later).
+      through ``get_online_features``), behind a per-process cache of
+      ``features.online_cache_ttl_s``. With ``features.online_change_stamps`` (the default), a
+      write by any process on this host (:meth:`apply_events`, :func:`materialize`) bumps the
+      user's change stamp (:mod:`pipelines.feature_stamps`) and every process's entry for that
+      user stops counting as a hit at once; the TTL bounds only writes made on other hosts.
+      Without stamps, other processes see a write when their entry expires (at most the TTL).
     - :meth:`item_features` gathers candidates from an in-process :class:`ItemTable` (numpy
       arrays; 500 candidates in ~0.15 ms). Reading 500 items through Feast costs ~60 ms of CPU
       (``benchmarks/results/features.json``), far over a 3 ms budget.
@@ -469,7 +502,9 @@ class OnlineFeatureClient:
         activity = self._views[S.USER_ACTIVITY][0]
         self.category_vocab: list[str] = json.loads(activity.tags.get(VOCAB_TAG, "[]"))
         self._vocab_index = {c: i for i, c in enumerate(self.category_vocab)}
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        # user -> (expires, stored features, change-stamp slot (-1: no stamps), user stamp, global stamp)
+        self._cache: dict[str, tuple[float, dict[str, Any], int, int, int]] = {}
+        self._stamps = change_stamps(settings)
         self._items: ItemTable | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -523,13 +558,27 @@ class OnlineFeatureClient:
             raise ValueError(f"unknown user feature(s) {unknown} of service {self.service!r}: {list(self.user_columns)}")
         return tuple(columns)
 
-    def _fresh(self, uid: str, want: tuple[str, ...], t: float) -> dict[str, Any] | None:
-        """The cached entry if it is fresh and holds ``want`` (an entry of a partial read may not)."""
+    def _lookup(self, uid: str, want: tuple[str, ...], t: float) -> tuple[dict[str, Any] | None, str]:
+        """The cached entry if it is fresh and holds ``want`` (an entry of a partial read may not),
+        and the outcome: ``hit``, ``miss`` (no such entry, or expired) or ``changed`` (a write on
+        this host since the entry was read: its change stamp moved)."""
         hit = self._cache.get(uid)
         if hit is None or hit[0] <= t:
-            return None
-        raw = hit[1]
-        return raw if len(raw) == len(self.user_columns) or all(c in raw for c in want) else None
+            return None, MISS
+        expires, raw, slot, user_stamp, global_stamp = hit
+        if slot >= 0 and not self._stamps.unchanged(slot, user_stamp, global_stamp):  # type: ignore[union-attr]
+            return None, CHANGED
+        if len(raw) == len(self.user_columns) or all(c in raw for c in want):
+            return raw, HIT
+        return None, MISS
+
+    def _note(self, uid: str) -> tuple[int, int, int]:
+        """(slot, user stamp, global stamp) of ``uid`` now, before its features are read: the cache
+        entry made from that read counts only while both stamps stay as noted."""
+        if self._stamps is None:
+            return -1, 0, 0
+        slot = self._stamps.slot(uid)
+        return (slot, *self._stamps.note(slot))
 
     def users_features(self, user_ids: Sequence[str], *, now: datetime | float | None = None,
                        derived: bool = True, columns: Sequence[str] | None = None,
@@ -549,19 +598,19 @@ class OnlineFeatureClient:
         raws: list[dict[str, Any] | None] = []
         missing: list[int] = []
         for j, uid in enumerate(uids):
-            raw = None if refresh else self._fresh(uid, want, t)
+            raw = None if refresh else self._lookup(uid, want, t)[0]
             raws.append(raw)
             if raw is None:
                 missing.append(j)
         if missing:
             wanted = list(dict.fromkeys(uids[j] for j in missing))
+            noted = [self._note(uid) for uid in wanted] if self.cache_ttl_s > 0 else []  # before the read
             refs = self._user_refs if columns is None else [r for r in self._user_refs if r.split(":", 1)[1] in want]
             read = dict(zip(wanted, self._read_users(wanted, refs)))
             for j in missing:
                 raws[j] = read[uids[j]]
-            if self.cache_ttl_s > 0:
-                for uid, raw in read.items():
-                    self._remember(uid, t + self.cache_ttl_s, raw)
+            for uid, stamps in zip(wanted, noted):
+                self._remember(uid, t + self.cache_ttl_s, read[uid], stamps)
         if not derived:
             if columns is not None:
                 return [{c: r[c] for c in want} for r in raws]  # type: ignore[index]
@@ -575,24 +624,30 @@ class OnlineFeatureClient:
         """A user's stored features (``columns`` only, if given) from the per-process cache when
         fresh (a copy), else None: a caller on an event loop answers cache hits inline and only
         hands misses to a thread."""
-        want = self._columns(columns)
-        raw = self._fresh(str(user_id), want, time.monotonic())
-        if raw is None:
-            return None
-        return dict(raw) if columns is None else {c: raw[c] for c in want}
+        return self.cache_lookup(user_id, columns=columns)[0]
 
-    def _remember(self, uid: str, expires: float, raw: dict[str, Any]) -> None:
-        """Cache one user's features until ``expires`` (monotonic seconds). The cache holds at most
+    def cache_lookup(self, user_id: str, *, columns: Sequence[str] | None = None) -> tuple[dict[str, Any] | None, str]:
+        """:meth:`cached_user_features` and why it found nothing: ``hit``, ``miss`` or ``changed``
+        (the entry was fresh by its TTL, but a write on this host has changed the user since)."""
+        want = self._columns(columns)
+        raw, outcome = self._lookup(str(user_id), want, time.monotonic())
+        if raw is None:
+            return None, outcome
+        return (dict(raw) if columns is None else {c: raw[c] for c in want}), outcome
+
+    def _remember(self, uid: str, expires: float, raw: dict[str, Any], stamps: tuple[int, int, int]) -> None:
+        """Cache one user's features until ``expires`` (monotonic seconds), valid while the change
+        ``stamps`` (:meth:`_note`, taken before the features were read) stay. The cache holds at most
         ``cache_max_users``: once past it, expired entries go, then the oldest written, down to 90%
         of the bound (one pass per tenth of the bound's inserts). Reads, writes and trims come from
         the event loop and worker threads: each step is one dict operation or a snapshot taken in C,
         atomic under the GIL."""
         self._cache.pop(uid, None)  # re-inserted last: the dict's order is the order of the writes
-        self._cache[uid] = (expires, raw)
+        self._cache[uid] = (expires, raw, *stamps)
         if len(self._cache) <= self.cache_max_users:
             return
         now = time.monotonic()
-        for u, (exp, _) in list(self._cache.items()):
+        for u, (exp, *_) in list(self._cache.items()):
             if exp <= now:
                 self._cache.pop(u, None)
         excess = len(self._cache) - max(int(self.cache_max_users * 0.9), 1)  # the entry just written stays
@@ -612,6 +667,16 @@ class OnlineFeatureClient:
             self._cache.clear()
         else:
             self._cache.pop(str(user_id), None)
+
+    def check_change_stamps(self) -> bool:
+        """If this host's change-stamp file was deleted or recreated since this process mapped it,
+        map the new one and drop the whole cache (its entries' stamps belong to the old file, which
+        no writer bumps any more). Returns whether it did. Called by the auto-refresh thread."""
+        if self._stamps is None or not self._stamps.replaced():
+            return False
+        self._stamps.reattach()
+        self._cache.clear()
+        return True
 
     # -- items --------------------------------------------------------------------------------
     def _item_materialized_until(self) -> datetime | None:
@@ -707,8 +772,12 @@ class OnlineFeatureClient:
             name_os_thread()
             while not self._stop.wait(every):
                 try:
+                    self.check_change_stamps()
+                except Exception:  # noqa: BLE001 - the TTL still bounds staleness; tried again next turn
+                    pass
+                try:
                     self.refresh_items()
-                except Exception:  # a failed refresh keeps serving the previous table
+                except Exception:  # noqa: BLE001 - a failed refresh keeps serving the previous table
                     pass
 
         self._thread = threading.Thread(target=loop, name="item-feature-refresh", daemon=True)
@@ -755,6 +824,11 @@ class OnlineFeatureClient:
         later, so it wins on SQLite (last write wins) and on Redis (strictly newer event time
         wins); the next daily materialisation is dated after it and replaces it with the batch
         values. Returns ``{"users": n, "events": m}``.
+
+        After the write (also a failed one) the users' change stamps are bumped, so every other
+        process on this host stops serving their cached features. This process caches what it
+        wrote, unless another write of those users (or a materialisation) came between its read
+        and its bump: then what it wrote may not be the newest, and the next request re-reads.
         """
         from feature_defs.transforms import empty_user_state, event_records, update_user_state
 
@@ -765,6 +839,7 @@ class OnlineFeatureClient:
         for r in recs:
             by_user.setdefault(r["user_id"], []).append(r)
         users = sorted(by_user)
+        noted = {uid: self._note(uid) for uid in users}  # before the read the new state is built on
         current, stored_ts = self._read_state(users)
         cat_index = self._item_category_index(list({r["item_id"] for r in recs}))
         n_cat = len(self.category_vocab)
@@ -779,13 +854,36 @@ class OnlineFeatureClient:
             when = newest if before is None or newest > before else before + timedelta(microseconds=1)
             for view in S.USER_VIEWS:
                 writes[view].append((uid, new, when))
-            if self.cache_ttl_s > 0:
-                self._remember(uid, time.monotonic() + self.cache_ttl_s, {c: new[c] for c in self.user_columns})
+        written = self._write_and_bump(writes, noted)
+        t = time.monotonic()
+        for uid, new, _ in writes[S.USER_VIEWS[0]]:  # every view holds each user's whole new state
+            stamps = written.get(uid)
+            if self.cache_ttl_s > 0 and stamps is not None:
+                self._remember(uid, t + self.cache_ttl_s, {c: new[c] for c in self.user_columns}, stamps)
             else:
                 self._cache.pop(uid, None)
-        for view, rows in writes.items():
-            self._write(view, rows)
         return {"users": len(users), "events": len(recs)}
+
+    def _write_and_bump(self, writes: Mapping[str, list[tuple[str, dict[str, Any], datetime]]],
+                        noted: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+        """Write every view, then bump the written users' change stamps (in ``finally``: a write
+        that failed part-way may still have changed the store). Returns the stamps to cache each
+        user's new features with, for the users no other write came between (all of them without
+        stamps)."""
+        if self._stamps is None:
+            for view, rows in writes.items():
+                self._write(view, rows)
+            return dict(noted)
+        # every note was taken before the read the writes are built on, so the last one noted of a
+        # slot (users may share one) and of the global counter is the tightest "before" there is
+        by_slot = {slot: stamp for slot, stamp, _ in noted.values()}
+        global_noted = list(noted.values())[-1][2]
+        try:
+            for view, rows in writes.items():
+                self._write(view, rows)
+        finally:
+            after = self._stamps.bump(by_slot, global_noted)
+        return {uid: (slot, after[slot], global_noted) for uid, (slot, _, _) in noted.items() if after[slot] is not None}
 
     def _write(self, view: str, rows: list[tuple[str, dict[str, Any], datetime]]) -> None:
         from feast.protos.feast.types.Value_pb2 import Value

@@ -34,6 +34,7 @@ class Metrics:
     model_info: Gauge
     ready: Gauge
     swaps: Counter
+    feature_cache: Counter
     _children: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
     _pending: list[tuple[Any, float]] = field(default_factory=list, repr=False)  # (child, value) of this loop turn
     _flush_on: Any = field(default=None, repr=False)  # the loop a flush is scheduled on, if any
@@ -147,6 +148,9 @@ def metrics() -> Metrics:
                              multiprocess_mode="livemax"),
             ready=Gauge("recsys_ready", "1 when models and stores are loaded", multiprocess_mode="livemin"),
             swaps=Counter("recsys_model_swaps", "Hot swaps after an alias moved, by outcome", ["model", "outcome"]),
+            feature_cache=Counter("recsys_feature_cache_lookups",
+                                  "Per-process user-feature cache lookups by outcome: hit, miss (absent or past the TTL), "
+                                  "changed (a write on this host since the entry was read)", ["outcome"]),
         )
     return _METRICS
 

@@ -2,8 +2,11 @@
 
 Reads run on a small thread pool with a deadline, so a slow or dead store (Redis down, SQLite
 file gone) costs at most ``features_budget_ms`` and the request goes on without fresh features.
-The client's per-process TTL cache is the documented consistency trade-off: the worker that
-applied an event sees it at once, the other workers within ``features.online_cache_ttl_s``.
+The client's per-process cache is the documented consistency trade-off (docs/features.md): with
+the host's change stamps (the default) every worker on the host stops serving a user's cached
+features as soon as any of them applies that user's events; the TTL
+(``features.online_cache_ttl_s``) bounds only writes made on other hosts. Each lookup is counted
+in ``recsys_feature_cache_lookups{outcome=hit|miss|changed}``.
 
 Event updates are applied by one background task per worker, in arrival order, batched
 (many events -> one ``apply_events`` call), right after the events are durable; the 202 does
@@ -19,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from feature_defs.schema import USER_HISTORY_COLUMNS
+from serving.metrics import metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from core.config import Settings
@@ -114,7 +118,9 @@ class OnlineFeatures:
             raise FeaturesUnavailable(self.error or "online features not loaded")
         if timeout_s <= 0:
             raise asyncio.TimeoutError
-        cached = self.client.cached_user_features(user_id, columns=HISTORY)
+        cached, outcome = self.client.cache_lookup(user_id, columns=HISTORY)
+        m = metrics()
+        m.record(m.child("feature_cache", outcome))
         if cached is not None:  # fresh in this worker's cache: no store read, no thread hop
             self._refresh_ahead(user_id)
             return [str(i) for i in (cached.get("recent_items") or [])]

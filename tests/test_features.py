@@ -404,6 +404,87 @@ def test_user_cache_is_bounded_expired_entries_first_then_the_oldest(store_setti
     assert cached("old4") and not cached("new0")
 
 
+def _apply_one_event(settings, user_id: str, item_id: str) -> None:
+    """A separate process (spawned: its own interpreter, cache and mapping of the stamp file)
+    applies one event, as another serving worker on the host would."""
+    from pipelines.features import OnlineFeatureClient
+
+    OnlineFeatureClient(settings, load_items=False).apply_events(
+        [{"user_id": user_id, "item_id": item_id, "event_type": "click", "timestamp": ts("2024-01-14 20:00")}])
+
+
+@pytest.mark.slow
+def test_a_write_on_this_host_invalidates_every_process_cache_at_once(store_settings, materialized) -> None:
+    """With a one-hour TTL, a user's cached features stop being a hit the moment another process
+    on the host applies their events (or a materialisation runs); the writer itself caches what it
+    wrote, unless another write came between its read and its bump. Without stamps (the setting
+    off), the stale entry is served until the TTL: the trade-off the stamps remove."""
+    import multiprocessing
+
+    from feature_defs.schema import USER_HISTORY_COLUMNS
+    from pipelines.features import CHANGED, HIT, MISS, OnlineFeatureClient, materialize
+
+    def with_features(**kw):
+        return store_settings.model_copy(update={"features": store_settings.features.model_copy(update=kw)})
+
+    long_ttl = with_features(online_cache_ttl_s=3600.0)
+    reader, writer = OnlineFeatureClient(long_ttl, load_items=False), OnlineFeatureClient(long_ttl, load_items=False)
+    unstamped = OnlineFeatureClient(with_features(online_cache_ttl_s=3600.0, online_change_stamps=False), load_items=False)
+    history = lambda c, u: c.users_features([u], derived=False, columns=USER_HISTORY_COLUMNS)[0]["recent_items"]  # noqa: E731
+    lookup = lambda c, u: c.cache_lookup(u, columns=USER_HISTORY_COLUMNS)  # noqa: E731
+
+    before = history(reader, "u21")
+    assert history(unstamped, "u21") == before
+    assert lookup(reader, "u21") == ({"recent_items": before}, HIT)
+    proc = multiprocessing.get_context("spawn").Process(target=_apply_one_event, args=(long_ttl, "u21", "i99"))
+    proc.start()
+    proc.join(180)
+    assert proc.exitcode == 0
+    assert lookup(reader, "u21") == (None, CHANGED)            # the other process's write, seen at once
+    assert history(reader, "u21")[:2] == ["i99", before[0]]     # re-read from the store ...
+    assert lookup(reader, "u21")[1] == HIT                      # ... and cached again
+    assert lookup(unstamped, "u21") == ({"recent_items": before}, HIT)  # stale, for up to the TTL
+
+    # the writer caches what it wrote (no other write came between): no re-read on its side
+    writer.apply_events([{"user_id": "u22", "item_id": "i98", "timestamp": ts("2024-01-14 21:00")}])
+    assert lookup(writer, "u22")[0]["recent_items"][0] == "i98"
+    # ... but not when another write of the user lands between its read and its bump: what it wrote
+    # may not be the newest (on Redis, an older event time loses); the next lookup re-reads
+    read_state = writer._read_state  # noqa: SLF001
+
+    def read_then_another_write(users):
+        state = read_state(users)
+        reader.apply_events([{"user_id": "u23", "item_id": "i97", "timestamp": ts("2024-01-14 21:30")}])
+        return state
+
+    writer._read_state = read_then_another_write  # noqa: SLF001
+    writer.apply_events([{"user_id": "u23", "item_id": "i96", "timestamp": ts("2024-01-14 21:31")}])
+    writer._read_state = read_state  # noqa: SLF001
+    assert lookup(writer, "u23") == (None, MISS)
+    assert lookup(reader, "u23") == (None, CHANGED)             # the writer's bump came after the reader's
+
+    # a materialisation (here: nothing newer to load, still a write pass) invalidates every user
+    assert lookup(reader, "u21")[1] == HIT
+    materialize(settings=long_ttl, end=date(2024, 1, 14))
+    assert lookup(reader, "u21") == (None, CHANGED) and lookup(writer, "u22") == (None, CHANGED)
+
+
+def test_a_recreated_stamp_file_drops_the_cache(store_settings, materialized) -> None:
+    """The serving client re-maps a stamp file that was deleted (or recreated) under it, and drops
+    its cache: no writer bumps the old file any more, so its stamps would never move again."""
+    from feature_defs.schema import USER_HISTORY_COLUMNS
+    from pipelines.features import HIT, MISS, OnlineFeatureClient, feature_paths
+
+    client = OnlineFeatureClient(store_settings, load_items=False)
+    client.users_features(["u24"], derived=False, columns=USER_HISTORY_COLUMNS)
+    assert client.cache_lookup("u24", columns=USER_HISTORY_COLUMNS)[1] == HIT
+    assert client.check_change_stamps() is False
+    feature_paths(store_settings).change_stamps.unlink()
+    assert client.check_change_stamps() is True
+    assert client.cache_lookup("u24", columns=USER_HISTORY_COLUMNS) == (None, MISS)
+    assert feature_paths(store_settings).change_stamps.is_file()
+
+
 def test_online_reads_equal_feasts_get_online_features(store_settings, materialized) -> None:
     """User reads go through the provider's ``online_read`` (no per-call request building); they
     must give exactly what ``get_online_features`` gives, for every column, a column subset,

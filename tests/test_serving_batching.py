@@ -4,6 +4,7 @@ answers nobody waits for."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 
@@ -164,7 +165,7 @@ def test_recorded_updates_of_a_loop_turn_equal_plain_updates() -> None:
     plain_h = Histogram("plain_h", "x", ["stage"], buckets=BUCKETS, registry=reg)
     grouped_c = Counter("grouped_c", "x", ["reason"], registry=reg)
     plain_c = Counter("plain_c", "x", ["reason"], registry=reg)
-    m = Metrics(*[None] * 10)
+    m = Metrics(**{f.name: None for f in dataclasses.fields(Metrics) if not f.name.startswith("_")})  # only the batching is used
     values = [0.0005, 0.0004, 0.004, 0.0051, 0.2, 9.0, 0.003, 0.0005]
 
     def samples_of(name):

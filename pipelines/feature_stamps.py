@@ -1,0 +1,182 @@
+"""Per-host change stamps of the online store's user features: what lets a serving process keep a
+user's features in memory for minutes and still never serve a value that another process on the
+same host has overwritten.
+
+Why: a per-process TTL cache alone makes a choice between two bad options. A short TTL (seconds)
+sends most requests to the store through a thread hop, which measured as half of the serving
+latency at half load (docs/serving.md); a long one serves a user's old history for minutes after
+another worker applied their new events. With stamps, every writer on the host (a serving
+worker's ``apply_events``, the materialisation job) bumps a counter in a small file that every
+process maps into memory; a reader notes the counter *before* it reads the store, and a cached
+entry counts as a hit only while the counter is unchanged (two memory reads, no system call).
+The TTL then bounds only writes this host cannot see: those made on *other* hosts sharing the
+same online store (Redis), and Redis keys expiring.
+
+Layout: a header of four 32-bit words (magic, version, slot count, reserved), one global word
+(bumped by materialisation, which rewrites every user), then one word per slot. A user's slot is
+``crc32(user_id) % slots``: users that collide share a counter, which only costs a spurious
+re-read, never a stale answer. Counters wrap at 2**32; only equality is ever compared.
+
+Ordering, which is what makes a hit safe: a writer writes the store and *then* bumps; a reader
+reads the counter and *then* the store. Whatever the interleaving, a reader that saw the old
+counter is invalidated by the bump, and one that saw the new counter read the new value. Bumps
+are made under an exclusive ``flock`` on the file, so concurrent writers never lose an
+increment (readers take no lock).
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+from core.schemas import DataError
+
+MAGIC = 0x31534352  # b"RCS1" read as a little-endian uint32
+VERSION = 1
+HEADER_WORDS = 4
+GLOBAL = HEADER_WORDS          # the word materialisation bumps
+FIRST_SLOT = HEADER_WORDS + 1  # user slots start here
+MASK = 0xFFFFFFFF
+
+
+class ChangeStamps:
+    """One host's table of change counters, memory-mapped from ``path`` (created on first use).
+
+    ``slots`` applies when this call creates the file; an existing file keeps its own count
+    (every process on the host must agree on it), whatever ``slots`` says.
+    """
+
+    def __init__(self, path: Path | str, *, slots: int = 1 << 20):
+        if slots < 1:
+            raise ValueError(f"change stamps need at least one slot, got {slots}")
+        self.path = Path(path)
+        self._lock = threading.Lock()  # flock is per open file: threads of one process also queue here
+        self._attach(slots)
+
+    # ---- the file -----------------------------------------------------------------------------
+    def _create(self, slots: int) -> None:
+        """Create the file whole, or not at all: it is written beside its final name and linked
+        into place (``link`` never replaces), so a process never maps a half-written header and two
+        processes creating it at once end up sharing one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<4I", MAGIC, VERSION, slots, 0))
+            f.truncate(4 * (FIRST_SLOT + slots))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _attach(self, slots: int) -> None:
+        if not self.path.exists():
+            self._create(slots)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 4 * HEADER_WORDS, 0)
+            magic, version, count, _ = struct.unpack("<4I", head) if len(head) == 4 * HEADER_WORDS else (0, 0, 0, 0)
+            if magic != MAGIC or version != VERSION or count < 1 or size != 4 * (FIRST_SLOT + count):
+                raise DataError(f"{self.path} is not a change-stamp table (magic {magic:#x}, version {version}, "
+                                f"{count} slots, {size} bytes); delete it and the serving processes recreate it")
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._inode = os.fstat(fd).st_ino
+        self.slots = count
+        self._words = memoryview(self._map).cast("I")
+
+    def replaced(self) -> bool:
+        """Whether the file at ``path`` is no longer the one mapped (deleted or recreated): the
+        stamps this process reads would then never move again. Cheap (one ``stat``)."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def reattach(self) -> None:
+        """Map the file now at ``path`` (creating it if it is gone). Every stamp noted before is
+        then meaningless: the caller drops what it cached with them."""
+        old_words, old_map, old_fd = self._words, self._map, self._fd
+        self._attach(self.slots)
+        old_words.release()
+        old_map.close()
+        os.close(old_fd)
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+        os.close(self._fd)
+
+    # ---- reads (no lock, no system call) --------------------------------------------------------
+    def slot(self, user_id: str) -> int:
+        """The word that holds ``user_id``'s counter."""
+        return FIRST_SLOT + zlib.crc32(user_id.encode()) % self.slots
+
+    def note(self, slot: int) -> tuple[int, int]:
+        """The (user slot's, global) counters now: what a reader keeps with what it reads next."""
+        words = self._words
+        return words[slot], words[GLOBAL]
+
+    def unchanged(self, slot: int, user_stamp: int, global_stamp: int) -> bool:
+        """No write of this slot's users, and no materialisation, since those counters were noted."""
+        words = self._words
+        return words[slot] == user_stamp and words[GLOBAL] == global_stamp
+
+    # ---- writes (after the store write has completed) -----------------------------------------
+    def bump(self, noted: Mapping[int, int], global_noted: int) -> dict[int, int | None]:
+        """Advance each slot's counter by one, after the store write.
+
+        ``noted``: each written slot's counter as this writer noted it (``note``) before it read
+        the state it then wrote, and ``global_noted`` the global counter then. The answer gives,
+        per slot, the counter after the bump when neither it nor the global one had moved since:
+        no other writer touched those users in between, so the value just written is the store's
+        newest and the writer may cache it with that counter. Else None: another write came
+        between, and the writer must not cache what it wrote."""
+        out: dict[int, int | None] = {}
+        with self._locked():
+            words = self._words
+            undisturbed = words[GLOBAL] == global_noted
+            for s, stamp in noted.items():
+                before = words[s]
+                words[s] = after = (before + 1) & MASK
+                out[s] = after if undisturbed and before == stamp else None
+        return out
+
+    def bump_all(self) -> None:
+        """Invalidate every user on this host (materialisation rewrote the store)."""
+        with self._locked():
+            self._words[GLOBAL] = (self._words[GLOBAL] + 1) & MASK
+
+    def _locked(self) -> "_FileLock":
+        return _FileLock(self._fd, self._lock)
+
+
+class _FileLock:
+    """The thread lock, then an exclusive ``flock`` on the file: one writer on the host at a time."""
+
+    def __init__(self, fd: int, lock: threading.Lock):
+        self.fd, self.lock = fd, lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.lock.release()
