@@ -317,8 +317,9 @@ def _write(out: Path, online: dict[str, Any], historical: dict[str, Any], t0: fl
         "online": online,
         "historical": historical,
         "staleness": {
-            "user features (per process)": "<= features.online_cache_ttl_s (5 s) after a write by another process; "
-                                           "0 in the process that called apply_events",
+            "user features (per process)": "0 in the process that called apply_events and, with "
+                                           "features.online_change_stamps (default), in every process on its host; "
+                                           "<= features.online_cache_ttl_s (60 s) after a write on another host",
             "user window counters (events_1d/7d/30d)": "decay only at materialisation: until the next daily run they "
                                                       "can include events up to 1 day older than the window",
             "item stats and catalog": "as of the last materialised daily snapshot (<= 1 day + materialisation lag) "

@@ -234,6 +234,20 @@ def rec_counters(url: str) -> dict[str, float]:
     return out
 
 
+def cache_lookups(url: str) -> dict[str, float]:
+    """The serving path's user-feature cache lookups so far by outcome (hit, miss, changed; all workers)."""
+    text = subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^recsys_feature_cache_lookups_total\{outcome="([^"]+)"\} ([\d.e+]+)$', text, flags=re.M)}
+
+
+def cache_between(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Lookups by outcome between two :func:`cache_lookups` snapshots, and the share that hit."""
+    diff = {k: int(after.get(k, 0.0) - before.get(k, 0.0)) for k in ("hit", "miss", "changed")}
+    n = sum(diff.values())
+    return {**diff, "hit_share": round(diff["hit"] / n, 4) if n else None}
+
+
 def model_served(before: dict[str, float], after: dict[str, float]) -> dict:
     """Share of the responses between two snapshots that the models (not a fallback) produced."""
     diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after)}
@@ -378,12 +392,13 @@ def http_part(args, work: Path) -> dict:
             curve_points = []
             for fraction in args.open_loop_fractions:  # ascending; 0.5 (the target's point) is always one
                 rate = runs["recommend"][-1]["rps"] * fraction
-                before, batches0 = rec_counters(srv.url), batch_totals(srv.url)
+                before, batches0, cache0 = rec_counters(srv.url), batch_totals(srv.url), cache_lookups(srv.url)
                 cpu0, sched0, t0 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
                 ol_run = open_loop(srv.url, rate, args.duration, users)
                 cpu1, sched1, t1 = thread_cpu(workers), thread_sched(workers), time.perf_counter()
                 point = {"fraction": fraction, "rate": round(rate, 1), **ol_run, "load_avg": load_avg(),
                          **model_served(before, rec_counters(srv.url)),
+                         "feature_cache": cache_between(cache0, cache_lookups(srv.url)),
                          "server_cpu_ms_per_request": cpu_per_request(cpu0, cpu1, ol_run["sent"]),
                          "server_threads_sched": run_queue_wait(sched0, sched1, t1 - t0),
                          "model_batch_size_mean": batch_mean_between(batches0, batch_totals(srv.url))}
@@ -409,6 +424,9 @@ def http_part(args, work: Path) -> dict:
         "recommend_p99_ms_at_half_load": ol["median"],
         "recommend_model_served_share": spread([x["model_served_share"] for x in runs["recommend"]])["median"],
         "open_loop_model_served_share": spread([x["model_served_share"] for x in runs["open_loop_half"]])["median"],
+        "feature_cache_hit_share_at_half_load": spread([x["feature_cache"]["hit_share"] for x in runs["open_loop_half"]]).get("median"),
+        "feature_cache_ttl_s": settings.features.online_cache_ttl_s,
+        "feature_change_stamps": settings.features.online_change_stamps,
         "recommend_p50_ms_at_half_load": spread([x["p50_ms"] for x in runs["open_loop_half"]])["median"],
         "recommend_p95_ms_at_half_load": spread([x["p95_ms"] for x in runs["open_loop_half"]])["median"],
         "ingest_events_per_s": ev50s["median"], "ingest_single_event_requests_per_s": ev1s["median"],
@@ -512,7 +530,8 @@ def main() -> None:
     previous = json.loads((RESULTS / "serving.json").read_text()) if (RESULTS / "serving.json").is_file() else {}
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     http_keys = ("setup", "runs", "noop_rps", "recommend_rps", "recommend_to_noop", "recommend_p99_ms_at_half_load",
-                 "recommend_model_served_share", "open_loop_model_served_share",
+                 "recommend_model_served_share", "open_loop_model_served_share", "feature_cache_hit_share_at_half_load",
+                 "feature_cache_ttl_s", "feature_change_stamps",
                  "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
                  "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
                  "model_batch_size_mean", "model_batch_size_mean_whole_run", "server_cpu_ms_per_request",
@@ -630,6 +649,10 @@ def render_md(r: dict) -> str:
         f"`timeout`, etc.; `features_unavailable` still counts as model-served): closed loop "
         f"{r.get('recommend_model_served_share')}, open loop at half load {r.get('open_loop_model_served_share')} "
         f"(per-run fallback counts in the JSON).", "",
+        f"User-feature cache at half load: {r.get('feature_cache_hit_share_at_half_load')} of the lookups hit "
+        f"(TTL {r.get('feature_cache_ttl_s')} s, change stamps {'on' if r.get('feature_change_stamps') else 'off'}; "
+        f"a miss or a `changed` entry is read from the online store in micro-batches on a thread; counts per point "
+        f"in the JSON).", "",
         *_curve_md(r.get("closed_loop_curve")),
         *_open_curve_md(r.get("open_loop_curve"), r.get("open_loop_p99_le_10ms_up_to_rps")),
         f"Where the server's CPU goes under closed-loop load (ms per recommendation, by worker thread, middle "

@@ -235,6 +235,42 @@ def test_events_are_durable_update_features_and_log_impressions(world, server) -
     assert imps and {"request_id", "items", "scores", "positions", "propensities", "model_versions", "variant"} <= set(imps[-1])
 
 
+def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -> None:
+    """A one-hour feature cache in both workers: after one worker applies a user's event, the next
+    request on either worker already filters the item it names (the host's change stamps made
+    the other worker's cached history a miss: ``outcome="changed"`` in the metrics)."""
+    from serving.server import ServerProcess
+
+    s = world["settings"]
+    s = s.model_copy(update={"features": s.features.model_copy(update={"online_cache_ttl_s": 3600.0})})
+    user = _known_user(world)
+
+    def top_items(n: int) -> list[list[str]]:  # fresh connections: the kernel spreads them over both workers
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            bodies = list(ex.map(lambda _: httpx.get(f"{srv.url}/v1/recommendations/{user}", params={"k": 5},
+                                                     timeout=60).json(), range(n)))
+        assert all(b["fallback_reason"] is None for b in bodies), bodies
+        return [[it["item_id"] for it in b["items"]] for b in bodies]
+
+    def lookups() -> dict[str, float]:
+        text = httpx.get(srv.url + "/metrics", timeout=60).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^recsys_feature_cache_lookups_total\{outcome="([^"]+)"\} ([\d.e+]+)$', text, flags=re.M)}
+
+    with ServerProcess(s, workers=2) as srv:
+        before = top_items(24)                          # both workers read the user once, then hit
+        item = before[0][0]
+        assert all(items[0] == item for items in before)
+        cached = lookups()
+        assert cached.get("hit", 0) >= 16 and cached.get("changed", 0) == 0, cached
+        r = httpx.post(srv.url + "/v1/events", params={"sync_features": "true"}, headers=H, timeout=60,
+                       json={"user_id": user, "item_id": item, "event_type": "purchase"})
+        assert r.status_code == 202 and r.json()["features_updated"] is True, r.text
+        after = top_items(24)
+        assert not [items for items in after if item in items]  # no worker served the old history
+        assert lookups().get("changed", 0) >= 1, lookups()      # the worker that did not apply it re-read
+
+
 def test_online_store_down_still_serves(world, server) -> None:
     """Kill the online store under the running server (its SQLite file replaced by garbage):
     requests keep getting 200s, marked features_unavailable, ranked with the models' own history."""
