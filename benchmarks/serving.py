@@ -39,6 +39,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -324,31 +328,48 @@ def cpu_speed(seconds: float = 0.25) -> float:
     return round(n / elapsed / 1e6, 2)
 
 
-def http_part(args, work: Path) -> dict:
-    """Train tiny-but-real models (two-tower + DLRM ranker), start the real server, drive it."""
+def bench_settings(work: Path, **features) -> "Settings":
+    """The benchmarked server's settings under ``work``: the defaults (``features`` overrides the
+    feature section's), but with budgets far above any latency seen here, so every response
+    measured is the full model path (with the production 50 ms budget an overloaded server answers
+    `timeout` -> popularity, and a throughput figure would measure the fallback; the share is
+    checked per run)."""
     from core.config import load_settings
-    from serving import fixtures as F
-    from serving.server import ServerProcess
 
-    # budgets far above any latency seen here: every response measured is the full model path
-    # (with the production 50 ms budget an overloaded server answers `timeout` -> popularity, and
-    # a throughput figure would measure the fallback); the share is checked per run below
-    settings = load_settings(root=work, environ={}, overrides={"environment": "test", "serving": {
+    overrides: dict = {"environment": "test", "serving": {
         "api_key": KEY, "registry_poll_s": 0, "workers": 2, "total_budget_ms": 5_000, "model_budget_ms": 4_000,
-        "features_budget_ms": 1_000}})
-    t = time.time()
-    world = F.benchmark_world(settings)
-    ds, version, ranker = world["dataset"], world["two_tower"], world["ranker"]
-    setup_s = time.time() - t
-    # load-test users the models know (others are cold starts, served by popularity)
+        "features_budget_ms": 1_000}}
+    if features:
+        overrides["features"] = features
+    return load_settings(root=work, environ={}, overrides=overrides)
+
+
+def bench_world(settings: "Settings") -> tuple[dict, list[str], list[str], float]:
+    """Train tiny-but-real models (two-tower + DLRM ranker), register them and materialise the
+    online features under ``settings``: the world, the users the models know (the load-test
+    population; others would be cold starts, served by popularity), the item ids, and the seconds
+    it took."""
     from models.artifacts import load_from_registry
+    from serving import fixtures as F
     from serving.engine import build_engine
 
+    t = time.time()
+    world = F.benchmark_world(settings)
+    setup_s = time.time() - t
     engine = build_engine(load_from_registry("models:/two_tower@champion", settings),
                           load_from_registry("models:/ranker@champion", settings), n_candidates=settings.serving.candidates)
     users = sorted(str(u) for u in engine.users.ids)
     del engine
-    items = ds.items["item_id"].astype(str).tolist()
+    return world, users, world["dataset"].items["item_id"].astype(str).tolist(), setup_s
+
+
+def http_part(args, work: Path) -> dict:
+    """Start the real server over :func:`bench_world` and drive it."""
+    from serving.server import ServerProcess
+
+    settings = bench_settings(work)
+    world, users, items, setup_s = bench_world(settings)
+    ds, version, ranker = world["dataset"], world["two_tower"], world["ranker"]
     res: dict = {"setup": {"users": len(users), "items": len(items), "events": len(ds.events),
                            "model_versions": {"two_tower": version, "ranker": ranker}, "candidates": settings.serving.candidates,
                            "setup_s": round(setup_s, 1), "workers": 2, "connections": args.connections,

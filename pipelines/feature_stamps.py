@@ -78,22 +78,26 @@ class ChangeStamps:
     def _attach(self, slots: int) -> None:
         if not self.path.exists():
             self._create(slots)
-        fd = os.open(self.path, os.O_RDWR)
+        file = open(self.path, "r+b")  # noqa: SIM115 - kept open for flock, closed with this object
         try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, 4 * HEADER_WORDS, 0)
+            size = os.fstat(file.fileno()).st_size
+            head = os.pread(file.fileno(), 4 * HEADER_WORDS, 0)
             magic, version, count, _ = struct.unpack("<4I", head) if len(head) == 4 * HEADER_WORDS else (0, 0, 0, 0)
             if magic != MAGIC or version != VERSION or count < 1 or size != 4 * (FIRST_SLOT + count):
                 raise DataError(f"{self.path} is not a change-stamp table (magic {magic:#x}, version {version}, "
                                 f"{count} slots, {size} bytes); delete it and the serving processes recreate it")
-            self._map = mmap.mmap(fd, size)
+            mapped = mmap.mmap(file.fileno(), size)
         except BaseException:
-            os.close(fd)
+            file.close()
             raise
-        self._fd = fd
-        self._inode = os.fstat(fd).st_ino
-        self.slots = count
-        self._words = memoryview(self._map).cast("I")
+        self._file, self._map, self._inode = file, mapped, os.fstat(file.fileno()).st_ino
+        # the words and their slot count in one attribute: a reader on another thread during a
+        # reattach uses the old table or the new one, never one's count with the other's words
+        self._table: tuple[memoryview, int] = (memoryview(mapped).cast("I"), count)
+
+    @property
+    def slots(self) -> int:
+        return self._table[1]
 
     def replaced(self) -> bool:
         """Whether the file at ``path`` is no longer the one mapped (deleted or recreated): the
@@ -105,32 +109,35 @@ class ChangeStamps:
 
     def reattach(self) -> None:
         """Map the file now at ``path`` (creating it if it is gone). Every stamp noted before is
-        then meaningless: the caller drops what it cached with them."""
-        old_words, old_map, old_fd = self._words, self._map, self._fd
+        then meaningless: the caller drops what it cached with them. The old mapping is not closed
+        here (a request on another thread may be reading it this instant): it goes with its last
+        reference."""
         self._attach(self.slots)
-        old_words.release()
-        old_map.close()
-        os.close(old_fd)
 
     def close(self) -> None:
-        self._words.release()
+        """Unmap and close, for a caller that knows no other thread still reads the table."""
+        self._table[0].release()
         self._map.close()
-        os.close(self._fd)
+        self._file.close()
 
     # ---- reads (no lock, no system call) --------------------------------------------------------
     def slot(self, user_id: str) -> int:
         """The word that holds ``user_id``'s counter."""
-        return FIRST_SLOT + zlib.crc32(user_id.encode()) % self.slots
+        return FIRST_SLOT + zlib.crc32(user_id.encode()) % self._table[1]
 
-    def note(self, slot: int) -> tuple[int, int]:
-        """The (user slot's, global) counters now: what a reader keeps with what it reads next."""
-        words = self._words
-        return words[slot], words[GLOBAL]
+    def note(self, user_id: str) -> tuple[int, int, int]:
+        """(slot, its counter, the global counter) now: what a reader keeps with what it reads next."""
+        words, slots = self._table
+        slot = FIRST_SLOT + zlib.crc32(user_id.encode()) % slots
+        return slot, words[slot], words[GLOBAL]
 
     def unchanged(self, slot: int, user_stamp: int, global_stamp: int) -> bool:
         """No write of this slot's users, and no materialisation, since those counters were noted."""
-        words = self._words
-        return words[slot] == user_stamp and words[GLOBAL] == global_stamp
+        words = self._table[0]
+        try:
+            return words[slot] == user_stamp and words[GLOBAL] == global_stamp
+        except IndexError:  # noted in a replaced file with more slots: changed, by definition
+            return False
 
     # ---- writes (after the store write has completed) -----------------------------------------
     def bump(self, noted: Mapping[int, int], global_noted: int) -> dict[int, int | None]:
@@ -144,7 +151,7 @@ class ChangeStamps:
         between, and the writer must not cache what it wrote."""
         out: dict[int, int | None] = {}
         with self._locked():
-            words = self._words
+            words = self._table[0]
             undisturbed = words[GLOBAL] == global_noted
             for s, stamp in noted.items():
                 before = words[s]
@@ -155,10 +162,11 @@ class ChangeStamps:
     def bump_all(self) -> None:
         """Invalidate every user on this host (materialisation rewrote the store)."""
         with self._locked():
-            self._words[GLOBAL] = (self._words[GLOBAL] + 1) & MASK
+            words = self._table[0]
+            words[GLOBAL] = (words[GLOBAL] + 1) & MASK
 
     def _locked(self) -> "_FileLock":
-        return _FileLock(self._fd, self._lock)
+        return _FileLock(self._file.fileno(), self._lock)
 
 
 class _FileLock:

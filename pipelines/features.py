@@ -577,8 +577,7 @@ class OnlineFeatureClient:
         entry made from that read counts only while both stamps stay as noted."""
         if self._stamps is None:
             return -1, 0, 0
-        slot = self._stamps.slot(uid)
-        return (slot, *self._stamps.note(slot))
+        return self._stamps.note(uid)
 
     def users_features(self, user_ids: Sequence[str], *, now: datetime | float | None = None,
                        derived: bool = True, columns: Sequence[str] | None = None,

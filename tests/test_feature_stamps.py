@@ -18,7 +18,8 @@ def test_a_bump_changes_what_readers_noted_and_only_for_that_slot(tmp_path) -> N
     a, b = reader.slot("alice"), reader.slot("bob")
     assert a != b and FIRST_SLOT <= min(a, b) and max(a, b) < FIRST_SLOT + 1024
     assert writer.slot("alice") == a                 # the slot is a function of the id alone
-    noted_a, noted_b = reader.note(a), reader.note(b)
+    (slot_a, *noted_a), (slot_b, *noted_b) = reader.note("alice"), reader.note("bob")
+    assert (slot_a, slot_b) == (a, b)
     assert reader.unchanged(a, *noted_a) and reader.unchanged(b, *noted_b)
     after = writer.bump({a: noted_a[0]}, noted_a[1])
     assert after == {a: noted_a[0] + 1}              # undisturbed: the writer may cache with this
@@ -27,18 +28,18 @@ def test_a_bump_changes_what_readers_noted_and_only_for_that_slot(tmp_path) -> N
     assert reader.unchanged(a, after[a], noted_a[1])
     writer.bump_all()                                 # materialisation: every user changed
     assert not reader.unchanged(b, *noted_b) and not reader.unchanged(a, after[a], noted_a[1])
+    assert not reader.unchanged(FIRST_SLOT + 5000, 0, 0)  # a slot of a bigger, replaced file: changed
 
 
 def test_bump_reports_a_write_that_came_between(tmp_path) -> None:
     """A writer that noted a counter, read, and wrote must not cache its value if another writer
     bumped the slot (or the global counter) meanwhile: its write may not be the newest."""
     mine, other = ChangeStamps(tmp_path / "s", slots=64), ChangeStamps(tmp_path / "s", slots=64)
-    s = mine.slot("u1")
-    noted, global_noted = mine.note(s)
+    s, noted, global_noted = mine.note("u1")
     other.bump({s: noted}, global_noted)
     assert mine.bump({s: noted}, global_noted) == {s: None}
-    assert mine.note(s)[0] == noted + 2                # both increments kept
-    noted, global_noted = mine.note(s)
+    assert mine.note("u1")[1] == noted + 2             # both increments kept
+    s, noted, global_noted = mine.note("u1")
     other.bump_all()
     assert mine.bump({s: noted}, global_noted) == {s: None}
 
@@ -68,7 +69,7 @@ def test_a_replaced_file_is_noticed_and_remapped(tmp_path) -> None:
     assert serving.replaced()
     ChangeStamps(path, slots=32).bump_all()           # a new writer made a new file
     serving.reattach()
-    assert not serving.replaced() and serving.note(serving.slot("x"))[1] == 1
+    assert not serving.replaced() and serving.note("x")[2] == 1
 
 
 def _bump_many(path: str, user: str, times: int) -> None:
@@ -91,7 +92,7 @@ def test_concurrent_writers_in_processes_lose_no_increment(tmp_path) -> None:
         p.join(120)
         assert p.exitcode == 0
     stamps = ChangeStamps(path)
-    assert stamps.note(stamps.slot("shared-user")) == (2000, 2000)
+    assert stamps.note("shared-user")[1:] == (2000, 2000)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no temporary file left behind
     magic, version, slots, _ = struct.unpack("<4I", open(path, "rb").read(16))
     assert (version, slots) == (1, 1 << 20) and GLOBAL == FIRST_SLOT - 1

@@ -66,3 +66,31 @@ def test_breakdown_report_shows_the_idle_and_co_runner_tables_only_when_measured
     assert "| 4 | 10.0 | 5.2 | 5.1 |" in md
     assert list(CO_RUNNERS)[0] == "idle" and "| 1 | memory stream | 6.0 | 3.0 |" in md
     assert "other core" not in render_md({**res, "beside_other_core": None})
+
+
+def test_cache_lookups_between_snapshots_and_the_feature_cache_summary():
+    """The feature-cache counts of an open-loop point, and ``benchmarks/feature_cache.py``'s
+    medians per arm and rate over its servers."""
+    from benchmarks.feature_cache import ARMS, render_md, summarize
+    from benchmarks.serving import cache_between
+
+    assert cache_between({"hit": 10.0, "miss": 5.0}, {"hit": 40.0, "miss": 15.0, "changed": 10.0}) == {
+        "hit": 30, "miss": 10, "changed": 10, "hit_share": 0.6}
+    assert cache_between({}, {})["hit_share"] is None
+
+    def server(p99s: list[float], hits: list[float], cpu: float) -> dict:
+        return {"cpu_speed": 50.0, "points": [
+            {"rate": r, "p50_ms": p / 3, "p95_ms": p / 2, "p99_ms": p, "server_cpu_ms_per_request": {"total": cpu},
+             "feature_cache": {"hit": 0, "miss": 0, "changed": 7, "hit_share": h}, "model_served_share": 1.0}
+            for r, p, h in zip((350, 700), p99s, hits)]}
+
+    runs = {"ttl5_no_stamps": [server([20, 60], [0.3, 0.4], 2.5), server([30, 80], [0.3, 0.5], 2.7)],
+            "ttl60_stamps": [server([10, 30], [0.9, 0.9], 2.4), server([14, 20], [0.8, 0.9], 2.2)]}
+    summary = summarize(runs, [350, 700])
+    assert summary["ttl60_stamps"]["700"]["p99_ms"] == 25.0 and summary["ttl60_stamps"]["700"]["p99_ms_per_server"] == [30, 20]
+    assert summary["ttl5_no_stamps"]["350"]["feature_cache_hit_share"] == 0.3
+    assert summary["ttl5_no_stamps"]["700"]["server_cpu_ms_per_request"] == 2.6
+    assert set(summary) == set(ARMS)
+    md = render_md({"measured_at": "now", "machine": {"cpus": 2}, "pairs": 2, "order": list(runs) * 2, "warm_s": 60,
+                    "duration_s": 10, "events_per_s": 100, "users": 1787, "cpu_speed": [50.0] * 4, "summary": summary})
+    assert "| ttl60_stamps | 700 | " in md and "(30, 20)" in md
