@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -437,12 +438,25 @@ def _cached_version(root: Path, name: str, alias: str | None) -> tuple[str, Path
 
 
 def _remember_alias(root: Path, name: str, alias: str, version: str) -> None:
-    amap = root / name / "aliases.json"
-    data = json.loads(amap.read_text()) if amap.is_file() else {}
-    data[alias] = version
-    tmp = amap.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, amap)
+    """Record which version ``alias`` pointed to (for starting without the registry).
+
+    Every server worker does this at start, at the same moment: the read-modify-write runs under
+    an exclusive ``flock``, and each writer stages its own temporary file. With one shared
+    temporary name, two workers starting together could move each other's half-written file into
+    place or fail on a file already moved, and a worker then started without its ranker."""
+    import fcntl
+
+    base = root / name
+    amap = base / "aliases.json"
+    with open(base / ".aliases.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        data = json.loads(amap.read_text()) if amap.is_file() else {}
+        if data.get(alias) == version:
+            return
+        data[alias] = version
+        tmp = base / f".aliases.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, amap)
 
 
 def load_from_registry(uri: str, settings: "Settings", *, offline: bool = False) -> Artifact:

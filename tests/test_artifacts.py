@@ -3,6 +3,7 @@ round-trip with a local copy that survives an unreachable registry."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -140,3 +141,28 @@ def test_mlflow_registry_round_trip_and_offline_copy(settings):
     (cache / "manifest.json").write_text("{damaged")
     again = A.load_from_registry("models:/dummy/1", settings)
     assert not again.origin["cached"] and again.build().predict(frame)["score"].tolist() == [6.0, 22.0]
+
+
+def _remember_aliases(root: str, worker: int, rounds: int) -> None:
+    for r in range(rounds):
+        A._remember_alias(Path(root), "ranker", "champion", str(r % 3 + 1))  # noqa: SLF001 - what every worker does at start
+        A._remember_alias(Path(root), "ranker", f"worker{worker}", str(r))  # noqa: SLF001
+
+
+def test_workers_recording_aliases_at_once_neither_fail_nor_lose_one(tmp_path):
+    """Server workers start together and each records the alias it resolved. With one shared
+    temporary file, one worker could fail (its file already moved by another) or publish a
+    half-written map, and that worker served without its ranker (seen in a benchmark run)."""
+    import multiprocessing
+
+    (tmp_path / "ranker").mkdir()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_remember_aliases, args=(str(tmp_path), w, 60)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    data = json.loads((tmp_path / "ranker" / "aliases.json").read_text())
+    assert {f"worker{w}": "59" for w in range(4)}.items() <= data.items() and data["champion"] in {"1", "2", "3"}
+    assert not list((tmp_path / "ranker").glob("*.tmp"))
