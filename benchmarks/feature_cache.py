@@ -1,11 +1,12 @@
 """What the per-host change stamps buy at the serving path: the user-feature cache as it was
 (``features.online_cache_ttl_s`` 5 s, no stamps: other workers see an event within 5 s) against
-a 60 s TTL with stamps (every worker on the host sees it at once), on the real server.
+a 60 s TTL with stamps (every worker on the host sees it at once), and the same with
+``features.online_cache_refresh_ahead`` 0.2, on the real server.
 
-Both arms serve the same world (``benchmarks/serving.py``'s) at the same fixed open-loop rates
+Every arm serves the same world (``benchmarks/serving.py``'s) at the same fixed open-loop rates
 while a poster sends feedback events for random users of the same population at a fixed rate, so
 the stamps do fire: each event makes the other worker re-read its user. The arms alternate on
-fresh servers (A B, then B A, ...), so this VM's drift within the run hits both alike. Per server:
+fresh servers (A B C, then C B A, ...), so this VM's drift within the run hits every arm alike. Per server:
 a warm-up at the highest rate (long enough for the longer TTL's cache to reach its steady state
 of expiries), then each rate in turn. Reported per arm and rate: p50/p95/p99 from the scheduled
 send time (``benchmarks/open_loop_client.py``), the server's CPU per recommendation, the cache's
@@ -43,6 +44,10 @@ from benchmarks.serving import (KEY, RESULTS, bench_settings, bench_world, cache
 ARMS: dict[str, dict] = {
     "ttl5_no_stamps": {"online_cache_ttl_s": 5.0, "online_change_stamps": False},
     "ttl60_stamps": {"online_cache_ttl_s": 60.0, "online_change_stamps": True},
+    # active users' entries renewed in the background before they expire: what is left on the
+    # request path is the reads after a change
+    "ttl60_stamps_refresh_ahead": {"online_cache_ttl_s": 60.0, "online_change_stamps": True,
+                                   "online_cache_refresh_ahead": 0.2},
 }
 
 
@@ -140,7 +145,7 @@ def summarize(runs: dict[str, list[dict]], rates: list[float]) -> dict:
 
 def render_md(r: dict) -> str:
     lines = [
-        "# Feature cache: TTL 5 s without change stamps vs TTL 60 s with them", "",
+        "# Feature cache: TTL 5 s without change stamps vs TTL 60 s with them (and with refresh-ahead)", "",
         f"Measured {r['measured_at']} on {r['machine']['cpus']} cores; {r['pairs']} servers per arm, alternating "
         f"(order {r['order']}); warm-up {r['warm_s']} s at the highest rate, then {r['duration_s']} s per rate; "
         f"{r['events_per_s']} feedback events/s posted meanwhile (random users of the same {r['users']:,}); "
@@ -172,7 +177,7 @@ def _rates(text: str) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=_rates, default=None, help="open-loop rates, RPS (default: 1/4 and 1/2 of serving.json's recommend_rps)")
-    ap.add_argument("--pairs", type=int, default=2, help="servers per arm, alternating")
+    ap.add_argument("--pairs", type=int, default=2, help="servers per arm, in alternating order")
     ap.add_argument("--warm", type=float, default=60.0, help="seconds of warm-up per server at the highest rate")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per rate")
     ap.add_argument("--events-per-s", type=float, default=100.0)
@@ -192,7 +197,7 @@ def main() -> None:
         _, users, items, _ = bench_world(base)
         arms = {name: base.model_copy(update={"features": base.features.model_copy(update=cfg)}) for name, cfg in ARMS.items()}
         names = list(arms)
-        order = [n for i in range(args.pairs) for n in (names if i % 2 == 0 else names[::-1])]
+        order = [n for i in range(args.pairs) for n in (names if i % 2 == 0 else names[::-1])]  # A B C, C B A, ...
         runs: dict[str, list[dict]] = {n: [] for n in names}
         speeds: list[float] = []
         for i, name in enumerate(order):

@@ -90,7 +90,7 @@ def test_cache_lookups_between_snapshots_and_the_feature_cache_summary():
     assert summary["ttl60_stamps"]["700"]["p99_ms"] == 25.0 and summary["ttl60_stamps"]["700"]["p99_ms_per_server"] == [30, 20]
     assert summary["ttl5_no_stamps"]["350"]["feature_cache_hit_share"] == 0.3
     assert summary["ttl5_no_stamps"]["700"]["server_cpu_ms_per_request"] == 2.6
-    assert set(summary) == set(ARMS)
+    assert set(summary) == set(runs) <= set(ARMS)
     md = render_md({"measured_at": "now", "machine": {"cpus": 2}, "pairs": 2, "order": list(runs) * 2, "warm_s": 60,
                     "duration_s": 10, "events_per_s": 100, "users": 1787, "cpu_speed": [50.0] * 4, "summary": summary})
     assert "| ttl60_stamps | 700 | " in md and "(30, 20)" in md
