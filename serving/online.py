@@ -156,10 +156,13 @@ class OnlineFeatures:
 
     # ---- event updates ------------------------------------------------------------------------
     def _apply(self, records: list[dict[str, Any]]) -> None:
-        """Runs on the pool: one frame and one ``apply_events`` call for all queued records."""
-        from serving.eventlog import events_frame
-
-        self.client.apply_events(events_frame(records, source="POST /v1/events"))
+        """Runs on the pool: one ``apply_events`` call for all queued records, handed over as the
+        plain dicts the handler built (``apply_events`` checks them with
+        ``feature_defs.transforms.event_records``, which normalises ids, types and values as
+        ``core.schemas.coerce_events`` does). Building a core-schema frame first cost ~5.8 ms of
+        CPU per call against ~2 ms for the update itself (pandas per column, event-id hashing
+        the update does not use), and this thread's CPU holds the GIL the event loop needs."""
+        self.client.apply_events(records)
 
     async def apply(self, records: list[dict[str, Any]], *, wait: bool = False, timeout_s: float = 5.0) -> bool:
         """Queue (or, with ``wait``, perform) the online update for accepted event records.

@@ -612,3 +612,24 @@ def test_serving_features_refresh_ahead_of_expiry(store_settings, materialized, 
         asyncio.run(scenario())
     finally:
         feats.close()
+
+
+def test_the_online_update_reads_the_ingest_handlers_records_as_the_core_schema_does() -> None:
+    """The serving worker hands ``POST /v1/events``'s records (plain dicts: ISO timestamps with an
+    offset, a value, a context, ids) straight to ``apply_events``, without building a core-schema
+    frame: ``event_records`` must read them exactly as ``coerce_events`` (through ``events_frame``,
+    what batch ingest of the same log does) would."""
+    from serving.eventlog import events_frame
+
+    records = [
+        {"user_id": "u1", "item_id": "i9", "event_type": "purchase", "value": 1.0, "timestamp": "2024-01-05T15:00:00.123456+00:00",
+         "context": '{"device":"tv"}', "event_id": "e1", "request_id": "r1"},
+        {"user_id": "u 2", "item_id": "i10", "event_type": "rate", "value": 4.5, "timestamp": "2024-01-05T16:00:00+02:00",
+         "context": None, "event_id": "e2"},
+    ]
+    frame = events_frame(records, source="POST /v1/events")
+    got = T.event_records(records, source="POST /v1/events")
+    want = [{"event_id": r.event_id, "user_id": r.user_id, "item_id": r.item_id, "event_type": r.event_type,
+             "value": r.value, "ts": r.timestamp.timestamp()} for r in frame.itertuples()]
+    assert got == want
+    assert got[1]["ts"] == datetime(2024, 1, 5, 14, tzinfo=timezone.utc).timestamp()
