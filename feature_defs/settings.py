@@ -30,6 +30,11 @@ class FeatureSettings(Section):
                                 "a write made on this host invalidates the entry at once, and the TTL bounds only writes "
                                 "made on other hosts sharing the store (and Redis keys expiring); without them it bounds "
                                 "every other process's writes (docs/features.md).")
+    online_cache_ttl_jitter: float = Field(
+        0.2, ge=0, lt=1, description="Each entry lives a random 1 - jitter to 1 times online_cache_ttl_s, so entries "
+                                     "written together (a worker's start, a deploy, a burst of traffic) do not all expire "
+                                     "in the same instant and send their users to the store at once. The staleness bound "
+                                     "stays the TTL.")
     online_change_stamps: bool = Field(
         True, description="Writers of user features on this host (apply_events, materialisation) bump a per-user counter "
                           "in a memory-mapped file under store_dir; a cache hit counts only while its counter is unchanged.")

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -489,6 +490,7 @@ class OnlineFeatureClient:
         self._paths = _require_built(settings)
         self.store = store or feature_store(settings, serving=True)
         self.cache_ttl_s = float(settings.features.online_cache_ttl_s)
+        self.cache_ttl_jitter = float(settings.features.online_cache_ttl_jitter)
         self.cache_max_users = int(settings.features.online_cache_max_users)
         self.user_columns = tuple(c for v in S.USER_VIEWS if v in views for c in views[v])
         self.item_columns = tuple(c for v in S.ITEM_VIEWS if v in views for c in views[v])
@@ -609,7 +611,7 @@ class OnlineFeatureClient:
             for j in missing:
                 raws[j] = read[uids[j]]
             for uid, stamps in zip(wanted, noted):
-                self._remember(uid, t + self.cache_ttl_s, read[uid], stamps)
+                self._remember(uid, self._expiry(t), read[uid], stamps)
         if not derived:
             if columns is not None:
                 return [{c: r[c] for c in want} for r in raws]  # type: ignore[index]
@@ -633,6 +635,11 @@ class OnlineFeatureClient:
         if raw is None:
             return None, outcome
         return (dict(raw) if columns is None else {c: raw[c] for c in want}), outcome
+
+    def _expiry(self, t: float) -> float:
+        """When an entry written at ``t`` expires: a random point in the last ``cache_ttl_jitter``
+        of the TTL, so entries written together expire spread out (never later than the TTL)."""
+        return t + self.cache_ttl_s * (1.0 - self.cache_ttl_jitter * random.random())
 
     def _remember(self, uid: str, expires: float, raw: dict[str, Any], stamps: tuple[int, int, int]) -> None:
         """Cache one user's features until ``expires`` (monotonic seconds), valid while the change
@@ -858,7 +865,7 @@ class OnlineFeatureClient:
         for uid, new, _ in writes[S.USER_VIEWS[0]]:  # every view holds each user's whole new state
             stamps = written.get(uid)
             if self.cache_ttl_s > 0 and stamps is not None:
-                self._remember(uid, t + self.cache_ttl_s, {c: new[c] for c in self.user_columns}, stamps)
+                self._remember(uid, self._expiry(t), {c: new[c] for c in self.user_columns}, stamps)
             else:
                 self._cache.pop(uid, None)
         return {"users": len(users), "events": len(recs)}

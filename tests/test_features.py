@@ -404,6 +404,22 @@ def test_user_cache_is_bounded_expired_entries_first_then_the_oldest(store_setti
     assert cached("old4") and not cached("new0")
 
 
+@pytest.mark.slow
+def test_entries_written_together_expire_spread_over_the_last_part_of_the_ttl(store_settings, materialized) -> None:
+    """``features.online_cache_ttl_jitter``: users read in one batch (a worker's first requests,
+    a deploy) do not all expire in the same instant; none outlives the TTL."""
+    from feature_defs.schema import USER_HISTORY_COLUMNS
+    from pipelines.features import OnlineFeatureClient
+
+    s = store_settings.model_copy(update={"features": store_settings.features.model_copy(
+        update={"online_cache_ttl_s": 100.0, "online_cache_ttl_jitter": 0.2})})
+    client = OnlineFeatureClient(s, load_items=False)
+    users = [f"u{i}" for i in range(1, 41)]
+    client.users_features(users, derived=False, columns=USER_HISTORY_COLUMNS)
+    left = sorted(client.cache_expires_in(u) for u in users)
+    assert 79.0 < left[0] and left[-1] <= 100.0 and left[-1] - left[0] > 5.0
+
+
 def _apply_one_event(settings, user_id: str, item_id: str) -> None:
     """A separate process (spawned: its own interpreter, cache and mapping of the stamp file)
     applies one event, as another serving worker on the host would."""
@@ -584,7 +600,7 @@ def test_serving_features_refresh_ahead_of_expiry(store_settings, materialized, 
     from serving.online import OnlineFeatures
 
     s = store_settings.model_copy(update={"features": store_settings.features.model_copy(
-        update={"online_cache_ttl_s": 2.0, "online_cache_refresh_ahead": ahead})})
+        update={"online_cache_ttl_s": 2.0, "online_cache_ttl_jitter": 0.0, "online_cache_refresh_ahead": ahead})})
     feats = OnlineFeatures(s)
     feats.start()
 
