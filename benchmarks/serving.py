@@ -240,9 +240,10 @@ def rec_counters(url: str) -> dict[str, float]:
 
 def cache_lookups(url: str) -> dict[str, float]:
     """The serving path's user-feature cache lookups so far by outcome (hit, miss, changed; all workers)."""
+    from serving.metrics import counter_by_label
+
     text = subprocess.run(["curl", "-s", url + "/metrics"], capture_output=True, text=True).stdout
-    return {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'^recsys_feature_cache_lookups_total\{outcome="([^"]+)"\} ([\d.e+]+)$', text, flags=re.M)}
+    return counter_by_label(text, "recsys_feature_cache_lookups", "outcome")
 
 
 def cache_between(before: dict[str, float], after: dict[str, float]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,14 @@ def observe_values(child: Histogram, values: list[float]) -> None:
     total.inc(sum(values))
     for i, n in counts.items():
         buckets[i].inc(n)
+
+
+def counter_by_label(metrics_text: str, counter: str, label: str) -> dict[str, float]:
+    """A one-label counter's values by label value in a Prometheus text (what ``/metrics`` serves),
+    e.g. ``counter_by_label(text, "recsys_feature_cache_lookups", "outcome")``: for tests and
+    benchmarks that read the server from outside."""
+    pattern = rf'^{re.escape(counter)}_total\{{{re.escape(label)}="([^"]+)"\}} ([\d.e+]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, metrics_text, flags=re.M)}
 
 
 def metrics() -> Metrics:

@@ -239,6 +239,7 @@ def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -
     """A one-hour feature cache in both workers: after one worker applies a user's event, the next
     request on either worker already filters the item it names (the host's change stamps made
     the other worker's cached history a miss: ``outcome="changed"`` in the metrics)."""
+    from serving.metrics import counter_by_label
     from serving.server import ServerProcess
 
     s = world["settings"]
@@ -253,9 +254,7 @@ def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -
         return [[it["item_id"] for it in b["items"]] for b in bodies]
 
     def lookups() -> dict[str, float]:
-        text = httpx.get(srv.url + "/metrics", timeout=60).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(
-            r'^recsys_feature_cache_lookups_total\{outcome="([^"]+)"\} ([\d.e+]+)$', text, flags=re.M)}
+        return counter_by_label(httpx.get(srv.url + "/metrics", timeout=60).text, "recsys_feature_cache_lookups", "outcome")
 
     with ServerProcess(s, workers=2) as srv:
         before = top_items(24)                          # both workers read the user once, then hit

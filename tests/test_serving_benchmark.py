@@ -73,7 +73,11 @@ def test_cache_lookups_between_snapshots_and_the_feature_cache_summary():
     medians per arm and rate over its servers."""
     from benchmarks.feature_cache import ARMS, render_md, summarize
     from benchmarks.serving import cache_between
+    from serving.metrics import counter_by_label
 
+    text = ('# HELP recsys_feature_cache_lookups_total ...\nrecsys_feature_cache_lookups_total{outcome="hit"} 12.0\n'
+            'recsys_feature_cache_lookups_total{outcome="changed"} 3.0\nrecsys_fallbacks_total{reason="timeout"} 1.0\n')
+    assert counter_by_label(text, "recsys_feature_cache_lookups", "outcome") == {"hit": 12.0, "changed": 3.0}
     assert cache_between({"hit": 10.0, "miss": 5.0}, {"hit": 40.0, "miss": 15.0, "changed": 10.0}) == {
         "hit": 30, "miss": 10, "changed": 10, "hit_share": 0.6}
     assert cache_between({}, {})["hit_share"] is None
