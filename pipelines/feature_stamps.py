@@ -25,6 +25,7 @@ increment (readers take no lock).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -32,7 +33,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from core.schemas import DataError
 
@@ -55,7 +56,7 @@ class ChangeStamps:
         if slots < 1:
             raise ValueError(f"change stamps need at least one slot, got {slots}")
         self.path = Path(path)
-        self._lock = threading.Lock()  # flock is per open file: threads of one process also queue here
+        self._lock = threading.Lock()  # writers' threads in this process queue here (see _locked)
         self._attach(slots)
 
     # ---- the file -----------------------------------------------------------------------------
@@ -121,14 +122,18 @@ class ChangeStamps:
         self._file.close()
 
     # ---- reads (no lock, no system call) --------------------------------------------------------
+    @staticmethod
+    def _slot_of(user_id: str, slots: int) -> int:
+        return FIRST_SLOT + zlib.crc32(user_id.encode()) % slots
+
     def slot(self, user_id: str) -> int:
         """The word that holds ``user_id``'s counter."""
-        return FIRST_SLOT + zlib.crc32(user_id.encode()) % self._table[1]
+        return self._slot_of(user_id, self._table[1])
 
     def note(self, user_id: str) -> tuple[int, int, int]:
         """(slot, its counter, the global counter) now: what a reader keeps with what it reads next."""
         words, slots = self._table
-        slot = FIRST_SLOT + zlib.crc32(user_id.encode()) % slots
+        slot = self._slot_of(user_id, slots)
         return slot, words[slot], words[GLOBAL]
 
     def unchanged(self, slot: int, user_stamp: int, global_stamp: int) -> bool:
@@ -150,10 +155,12 @@ class ChangeStamps:
         newest and the writer may cache it with that counter. Else None: another write came
         between, and the writer must not cache what it wrote."""
         out: dict[int, int | None] = {}
-        with self._locked():
-            words = self._table[0]
+        with self._locked() as words:
             undisturbed = words[GLOBAL] == global_noted
             for s, stamp in noted.items():
+                if s >= len(words):  # noted in a bigger file since replaced: its readers dropped their entries
+                    out[s] = None
+                    continue
                 before = words[s]
                 words[s] = after = (before + 1) & MASK
                 out[s] = after if undisturbed and before == stamp else None
@@ -161,30 +168,17 @@ class ChangeStamps:
 
     def bump_all(self) -> None:
         """Invalidate every user on this host (materialisation rewrote the store)."""
-        with self._locked():
-            words = self._table[0]
+        with self._locked() as words:
             words[GLOBAL] = (words[GLOBAL] + 1) & MASK
 
-    def _locked(self) -> "_FileLock":
-        return _FileLock(self._file.fileno(), self._lock)
-
-
-class _FileLock:
-    """The thread lock, then an exclusive ``flock`` on the file: one writer on the host at a time."""
-
-    def __init__(self, fd: int, lock: threading.Lock):
-        self.fd, self.lock = fd, lock
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            self.lock.release()
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[memoryview]:
+        """The table's words, with this process's thread lock and an exclusive ``flock`` on the
+        file held: one writer on the host at a time (flock alone is per open file, not per thread)."""
+        with self._lock:
+            fd = self._file.fileno()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield self._table[0]
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
