@@ -35,15 +35,8 @@ class FeatureSettings(Section):
                                      "written together (a worker's start, a deploy, a burst of traffic) do not all expire "
                                      "in the same instant and send their users to the store at once. The staleness bound "
                                      "stays the TTL.")
-    online_change_stamps: bool = Field(
-        True, description="Writers of user features on this host (apply_events, materialisation) bump a per-user counter "
-                          "in a memory-mapped file under store_dir; a cache hit counts only while its counter is unchanged.")
-    online_change_stamp_slots: int = Field(
-        1 << 20, ge=1, le=1 << 28, description="Counters in that file (4 bytes each; users share one by crc32, which only "
-                                                "costs spurious re-reads). Applies when the file is created; an existing "
-                                                "file keeps its count.")
     online_cache_max_users: int = Field(
-        50_000, ge=1, description="Most users a process keeps in that cache (~4 KB each with 50 recent items): past it, "
+        50_000, ge=1, description="Most users a process keeps in its cache (~4 KB each with 50 recent items): past it, "
                                   "expired entries are dropped first, then the oldest written, so a worker serving "
                                   "millions of users does not grow without bound.")
     online_cache_refresh_ahead: float = Field(
@@ -51,6 +44,13 @@ class FeatureSettings(Section):
                                      "finds the entry within this fraction of online_cache_ttl_s of expiring (0: off), so "
                                      "active users' requests stop waiting for reads; the staleness bound stays the TTL. "
                                      "Costs extra reads (see docs/serving.md).")
+    online_change_stamps: bool = Field(
+        True, description="Writers of user features on this host (apply_events, materialisation) bump a per-user counter "
+                          "in a memory-mapped file under store_dir; a cache hit counts only while its counter is unchanged.")
+    online_change_stamp_slots: int = Field(
+        1 << 20, ge=1, le=1 << 28, description="Counters in that file (4 bytes each; users share one by crc32, which only "
+                                                "costs spurious re-reads). Applies when the file is created; an existing "
+                                                "file keeps its count.")
     item_refresh_interval_s: float = Field(60.0, gt=0, description="How often the serving process checks the registry for a "
                                                                    "newer item materialisation and reloads its item table.")
 
