@@ -258,16 +258,21 @@ def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -
 
     with ServerProcess(s, workers=2) as srv:
         before = top_items(24)                          # both workers read the user once, then hit
-        item = before[0][0]
-        assert all(items[0] == item for items in before)
+        # an item every answer held (lists may differ slightly with how requests were batched)
+        item = next((i for i in before[0] if all(i in items for items in before)), None)
+        assert item is not None, before
         cached = lookups()
         assert cached.get("hit", 0) >= 16 and cached.get("changed", 0) == 0, cached
         r = httpx.post(srv.url + "/v1/events", params={"sync_features": "true"}, headers=H, timeout=60,
                        json={"user_id": user, "item_id": item, "event_type": "purchase"})
         assert r.status_code == 202 and r.json()["features_updated"] is True, r.text
-        after = top_items(24)
-        assert not [items for items in after if item in items]  # no worker served the old history
-        assert lookups().get("changed", 0) >= 1, lookups()      # the worker that did not apply it re-read
+        for _ in range(3):  # until the worker that did not apply it has answered (the kernel picks the worker)
+            after = top_items(24)
+            assert not [items for items in after if item in items]  # no worker served the old history
+            if lookups().get("changed", 0) >= 1:                    # the other worker re-read the user
+                break
+        else:
+            raise AssertionError(f"no lookup found a changed entry: {lookups()}")
 
 
 def test_online_store_down_still_serves(world, server) -> None:
