@@ -106,7 +106,7 @@ def _online_store(settings: Any, *, requests: int, seed: int) -> dict[str, Any]:
         "items_500_in_process": _time(lambda i: client.item_features(cand_seq[i % 64], now=now), requests),
         "items_500_via_feast": _time(lambda i: client.items_via_feast(cand_seq[i % 64]), max(30, requests // 20), warmup=3),
     }
-    client.cache_ttl_s = float(settings.features.online_cache_ttl_s)
+    client.cache_ttl_s = settings.features.cache_ttl_s()
     out["request_user_cached_plus_500_items"] = _time(request, requests)
     day = pd.Timestamp("1998-04-23", tz="UTC")
 
@@ -319,7 +319,8 @@ def _write(out: Path, online: dict[str, Any], historical: dict[str, Any], t0: fl
         "staleness": {
             "user features (per process)": "0 in the process that called apply_events and, with "
                                            "features.online_change_stamps (default), in every process on its host; "
-                                           "<= features.online_cache_ttl_s (60 s) after a write on another host",
+                                           "<= the cache TTL after a write on another host (features.cache_ttl_s(): "
+                                           "60 s with Redis; with SQLite no other host writes)",
             "user window counters (events_1d/7d/30d)": "decay only at materialisation: until the next daily run they "
                                                       "can include events up to 1 day older than the window",
             "item stats and catalog": "as of the last materialised daily snapshot (<= 1 day + materialisation lag) "

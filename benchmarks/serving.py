@@ -447,7 +447,7 @@ def http_part(args, work: Path) -> dict:
         "recommend_model_served_share": spread([x["model_served_share"] for x in runs["recommend"]])["median"],
         "open_loop_model_served_share": spread([x["model_served_share"] for x in runs["open_loop_half"]])["median"],
         "feature_cache_hit_share_at_half_load": spread([x["feature_cache"]["hit_share"] for x in runs["open_loop_half"]]).get("median"),
-        "feature_cache_ttl_s": settings.features.online_cache_ttl_s,
+        "feature_cache_ttl_s": settings.features.cache_ttl_s(),
         "feature_change_stamps": settings.features.online_change_stamps,
         "recommend_p50_ms_at_half_load": spread([x["p50_ms"] for x in runs["open_loop_half"]])["median"],
         "recommend_p95_ms_at_half_load": spread([x["p95_ms"] for x in runs["open_loop_half"]])["median"],

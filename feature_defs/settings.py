@@ -25,11 +25,13 @@ class FeatureSettings(Section):
     redis_key_ttl_s: int | None = Field(None, ge=1, description="Expire Redis keys of entities not written for this long (None: never).")
     store_dir: Path = Field(Path("features"), description="Registry, SQLite online store, generated feature_store.yaml and "
                                                           "feature tables; relative to paths.var_dir.")
-    online_cache_ttl_s: float = Field(
-        60.0, ge=0, description="Per-process cache of a user's online features (0: no cache). With online_change_stamps, "
+    online_cache_ttl_s: float | None = Field(
+        None, ge=0, description="Per-process cache of a user's online features (0: no cache). With online_change_stamps, "
                                 "a write made on this host invalidates the entry at once, and the TTL bounds only writes "
                                 "made on other hosts sharing the store (and Redis keys expiring); without them it bounds "
-                                "every other process's writes (docs/features.md).")
+                                "every other process's writes (docs/features.md). None: the bound that fits "
+                                "(cache_ttl_s()): 3600 s with the SQLite store and stamps, 60 s with Redis and stamps, 5 s "
+                                "without stamps.")
     online_cache_ttl_jitter: float = Field(
         0.2, ge=0, lt=1, description="Each entry lives a random 1 - jitter to 1 times online_cache_ttl_s, so entries "
                                      "written together (a worker's start, a deploy, a burst of traffic) do not all expire "
@@ -53,6 +55,19 @@ class FeatureSettings(Section):
                                                 "file keeps its count.")
     item_refresh_interval_s: float = Field(60.0, gt=0, description="How often the serving process checks the registry for a "
                                                                    "newer item materialisation and reloads its item table.")
+
+    def cache_ttl_s(self) -> float:
+        """The user-feature cache's TTL: ``online_cache_ttl_s`` if set, else what it has to bound.
+        With the change stamps, a cached entry is as fresh as the store for every write made on
+        this host, so the TTL bounds only writes the stamps cannot see: none with the SQLite store
+        (one file, written on this host only), hence an hour (a memory and liveness bound); other
+        hosts' writes and key expiry with Redis, hence a minute. Without the stamps it bounds every
+        other process's writes: 5 s."""
+        if self.online_cache_ttl_s is not None:
+            return float(self.online_cache_ttl_s)
+        if not self.online_change_stamps:
+            return 5.0
+        return 3600.0 if self.online_store == "sqlite" else 60.0
 
     def resolved_dir(self, var_dir: Path) -> Path:
         """The absolute store directory (``store_dir`` is relative to ``var_dir`` unless absolute)."""

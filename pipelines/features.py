@@ -489,7 +489,7 @@ class OnlineFeatureClient:
         views = S.service_views(service)
         self._paths = _require_built(settings)
         self.store = store or feature_store(settings, serving=True)
-        self.cache_ttl_s = float(settings.features.online_cache_ttl_s)
+        self.cache_ttl_s = settings.features.cache_ttl_s()
         self.cache_ttl_jitter = float(settings.features.online_cache_ttl_jitter)
         self.cache_max_users = int(settings.features.online_cache_max_users)
         self.user_columns = tuple(c for v in S.USER_VIEWS if v in views for c in views[v])

@@ -5,7 +5,7 @@ file gone) costs at most ``features_budget_ms`` and the request goes on without 
 The client's per-process cache is the documented consistency trade-off (docs/features.md): with
 the host's change stamps (the default) every worker on the host stops serving a user's cached
 features as soon as any of them applies that user's events; the TTL
-(``features.online_cache_ttl_s``) bounds only writes made on other hosts. Each lookup is counted
+(``features.online_cache_ttl_s``, ``FeatureSettings.cache_ttl_s``) bounds only writes made on other hosts. Each lookup is counted
 in ``recsys_feature_cache_lookups{outcome=hit|miss|changed}``.
 
 Event updates are applied by one background task per worker, in arrival order, batched
@@ -144,7 +144,7 @@ class OnlineFeatures:
         for one. The entry being served is still within the TTL: the staleness bound is unchanged.
         At most one refresh per user is in flight; its result only lands in the cache."""
         feats = self.settings.features
-        ahead = feats.online_cache_refresh_ahead * feats.online_cache_ttl_s
+        ahead = feats.online_cache_refresh_ahead * feats.cache_ttl_s()
         if ahead <= 0 or user_id in self._refreshing:
             return
         left = self.client.cache_expires_in(user_id)

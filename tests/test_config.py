@@ -108,3 +108,17 @@ def test_ranker_layer_defaults_agree_and_evaluation_uses_the_configured_sizes(tm
     assert model._ts_params["dlrm_params"]["over_arch"] == (16, 1)
     model = TwoTowerPlusRanker(settings=s, prepared=None, params={"dlrm_params": {"over_arch": (8, 1)}})  # type: ignore[arg-type]
     assert model._ts_params["dlrm_params"]["over_arch"] == (8, 1)  # an explicit override wins
+
+
+def test_the_feature_cache_ttl_defaults_to_what_it_has_to_bound(tmp_path: Path) -> None:
+    """``features.online_cache_ttl_s`` unset: with the change stamps, the TTL bounds only writes
+    the stamps cannot see (none with SQLite, other hosts' with Redis); without them, every other
+    process's writes. A value set is kept, 0 included (no cache)."""
+    def ttl(**features) -> float:
+        return load_settings(root=tmp_path, environ={}, overrides={"features": features}).features.cache_ttl_s()
+
+    assert ttl() == 3600.0
+    assert ttl(online_store="redis") == 60.0
+    assert ttl(online_change_stamps=False) == 5.0 and ttl(online_store="redis", online_change_stamps=False) == 5.0
+    assert ttl(online_cache_ttl_s=12.5) == 12.5 and ttl(online_cache_ttl_s=0) == 0.0
+    assert load_settings(root=tmp_path, environ={"RECSYS_FEATURES__ONLINE_CACHE_TTL_S": "30"}).features.cache_ttl_s() == 30.0
