@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import (KEY, RESULTS, bench_settings, bench_world, cache_between, cache_lookups,  # noqa: E402
                                 cpu_per_request, cpu_speed, load_avg, model_served, open_loop, rec_counters,
-                                thread_cpu)
+                                spread, thread_cpu)
 
 ARMS: dict[str, dict] = {
     "ttl5_no_stamps": {"online_cache_ttl_s": 5.0, "online_change_stamps": False},
@@ -127,9 +126,8 @@ def summarize(runs: dict[str, list[dict]], rates: list[float]) -> dict:
         for i, rate in enumerate(rates):
             pts = [srv["points"][i] for srv in servers]
 
-            def med(values: list) -> float | None:
-                values = [v for v in values if v is not None]
-                return round(statistics.median(values), 3) if values else None
+            def med(values: list) -> float | None:  # serving.py's spread: None left out
+                return spread(values, digits=3).get("median")
 
             out[arm][str(rate)] = {
                 "p50_ms": med([p["p50_ms"] for p in pts]), "p95_ms": med([p["p95_ms"] for p in pts]),

@@ -91,7 +91,7 @@ class ChangeStamps:
         except BaseException:
             file.close()
             raise
-        self._file, self._map, self._inode = file, mapped, os.fstat(file.fileno()).st_ino
+        self._file, self._inode = file, os.fstat(file.fileno()).st_ino  # the mapping lives as long as its view
         # the words and their slot count in one attribute: a reader on another thread during a
         # reattach uses the old table or the new one, never one's count with the other's words
         self._table: tuple[memoryview, int] = (memoryview(mapped).cast("I"), count)
@@ -114,12 +114,6 @@ class ChangeStamps:
         here (a request on another thread may be reading it this instant): it goes with its last
         reference."""
         self._attach(self.slots)
-
-    def close(self) -> None:
-        """Unmap and close, for a caller that knows no other thread still reads the table."""
-        self._table[0].release()
-        self._map.close()
-        self._file.close()
 
     # ---- reads (no lock, no system call) --------------------------------------------------------
     @staticmethod

@@ -876,10 +876,6 @@ class OnlineFeatureClient:
         that failed part-way may still have changed the store). Returns the stamps to cache each
         user's new features with, for the users no other write came between (all of them without
         stamps)."""
-        if self._stamps is None:
-            for view, rows in writes.items():
-                self._write(view, rows)
-            return dict(noted)
         # every note was taken before the read the writes are built on, so the last one noted of a
         # slot (users may share one) and of the global counter is the tightest "before" there is
         by_slot = {slot: stamp for slot, stamp, _ in noted.values()}
@@ -888,7 +884,9 @@ class OnlineFeatureClient:
             for view, rows in writes.items():
                 self._write(view, rows)
         finally:
-            after = self._stamps.bump(by_slot, global_noted)
+            after = None if self._stamps is None else self._stamps.bump(by_slot, global_noted)
+        if after is None:
+            return dict(noted)
         return {uid: (slot, after[slot], global_noted) for uid, (slot, _, _) in noted.items() if after[slot] is not None}
 
     def _write(self, view: str, rows: list[tuple[str, dict[str, Any], datetime]]) -> None:
