@@ -11,6 +11,7 @@ per-worker model thread with micro-batching (``serving/recommend.py``).
 import hmac
 from datetime import datetime, timedelta, timezone
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Mapping, Optional
@@ -256,8 +257,9 @@ def create_app(settings: "Settings | None" = None) -> FastAPI:
     # ---- probes and metrics -----------------------------------------------------------------
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Response:
-        """Alive (the process answers)."""
-        return _json({"status": "ok", "detail": {}})
+        """Alive (the process answers), and which worker answered: a client that opens fresh
+        connections sees every worker that is listening (``ServerProcess`` waits for all of them)."""
+        return _json({"status": "ok", "detail": {"worker": os.getpid()}})
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["ops"])
     async def readyz(request: Request) -> Response:

@@ -210,20 +210,32 @@ class ServerProcess:
         return self
 
     def wait_healthy(self) -> None:
+        """Until every worker answers ``/healthz``: a worker listens only once it has started
+        (loaded its models), and until then the others take all its connections, which a test of
+        cross-worker behaviour or a benchmark's first seconds must not see. Each poll is a fresh
+        connection (the kernel spreads those over the listening workers); ``/healthz`` names the
+        worker that answered."""
         import httpx
 
         deadline = time.monotonic() + self.ready_timeout_s
+        answered: set[int] = set()
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
+                r = httpx.get(self.url + "/healthz", timeout=1.0)
+                if r.status_code == 200:
+                    answered.add(r.json()["detail"]["worker"])
+                    if len(answered) >= self.workers:
+                        return
+                    time.sleep(0.02)  # soon: the next connection may go to another worker
+                    continue
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not healthy after {self.ready_timeout_s}s; log: {self.log_path}\n{self.log_tail()}")
+        raise RuntimeError(f"server not healthy after {self.ready_timeout_s}s ({len(answered)} of {self.workers} "
+                           f"workers answered); log: {self.log_path}\n{self.log_tail()}")
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -246,33 +246,41 @@ def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -
     s = s.model_copy(update={"features": s.features.model_copy(update={"online_cache_ttl_s": 3600.0})})
     user = _known_user(world)
 
-    def top_items(n: int) -> list[list[str]]:  # fresh connections: the kernel spreads them over both workers
+    def answers(n: int) -> list[tuple[str, list[str]]]:
+        """(worker, top items) of ``n`` requests on fresh connections (SO_REUSEPORT spreads them
+        over the workers that are listening); a request id starts with its worker's prefix."""
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             bodies = list(ex.map(lambda _: httpx.get(f"{srv.url}/v1/recommendations/{user}", params={"k": 5},
                                                      timeout=60).json(), range(n)))
         assert all(b["fallback_reason"] is None for b in bodies), bodies
-        return [[it["item_id"] for it in b["items"]] for b in bodies]
+        return [(b["request_id"][:16], [it["item_id"] for it in b["items"]]) for b in bodies]
+
+    def until_both_workers_answered() -> list[tuple[str, list[str]]]:
+        # a worker still loading its models is not listening yet: the other one takes everything
+        seen: list[tuple[str, list[str]]] = []
+        for _ in range(60):
+            seen += answers(8)
+            if len({w for w, _ in seen}) == 2:
+                return seen
+            time.sleep(0.25)
+        raise AssertionError(f"one worker answered every request: {lookups()}")
 
     def lookups() -> dict[str, float]:
         return counter_by_label(httpx.get(srv.url + "/metrics", timeout=60).text, "recsys_feature_cache_lookups", "outcome")
 
     with ServerProcess(s, workers=2) as srv:
-        before = top_items(24)                          # both workers read the user once, then hit
+        before = until_both_workers_answered()          # each worker has read the user and cached it
+        assert lookups().get("changed", 0) == 0, lookups()
         # an item every answer held (lists may differ slightly with how requests were batched)
-        item = next((i for i in before[0] if all(i in items for items in before)), None)
+        item = next((i for i in before[0][1] if all(i in items for _, items in before)), None)
         assert item is not None, before
-        cached = lookups()
-        assert cached.get("hit", 0) >= 16 and cached.get("changed", 0) == 0, cached
         r = httpx.post(srv.url + "/v1/events", params={"sync_features": "true"}, headers=H, timeout=60,
                        json={"user_id": user, "item_id": item, "event_type": "purchase"})
         assert r.status_code == 202 and r.json()["features_updated"] is True, r.text
-        for _ in range(3):  # until the worker that did not apply it has answered (the kernel picks the worker)
-            after = top_items(24)
-            assert not [items for items in after if item in items]  # no worker served the old history
-            if lookups().get("changed", 0) >= 1:                    # the other worker re-read the user
-                break
-        else:
-            raise AssertionError(f"no lookup found a changed entry: {lookups()}")
+        after = until_both_workers_answered()
+        assert not [items for _, items in after if item in items]  # no worker served the old history
+        # the worker that did not apply the event found its cached entry changed and re-read it
+        assert lookups().get("changed", 0) >= 1, lookups()
 
 
 def test_online_store_down_still_serves(world, server) -> None:
