@@ -14,7 +14,8 @@ compute derived features and real-time updates with one piece of code:
 """
 from __future__ import annotations
 
-from datetime import date
+import re
+from datetime import date, datetime, timezone
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -226,6 +227,30 @@ def _seconds(now: Any) -> Any:
     return (ts.tz_localize("UTC") if ts.tzinfo is None else ts).value / 1e9
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_FRACTION_BEYOND_US = re.compile(r"\.\d{7,}")  # nanoseconds: datetime keeps microseconds only
+
+
+def _event_seconds(raw: Any) -> float:
+    """Epoch seconds of one event's timestamp, the same float :func:`_seconds` (pandas) gives: the
+    real-time path reads ISO strings and datetimes with the standard library (~1 us, against ~20
+    for ``pd.Timestamp``) and leaves pandas the other formats it accepts, and nanoseconds."""
+    if isinstance(raw, (int, float, np.integer, np.floating)):
+        return float(raw)
+    when = None
+    if isinstance(raw, str) and not _FRACTION_BEYOND_US.search(raw):
+        try:
+            when = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            pass
+    elif type(raw) is datetime:
+        when = raw
+    if when is None:
+        return _seconds(pd.Timestamp(raw))
+    d = (when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)) - _EPOCH
+    return ((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds) * 1_000 / 1e9  # ns / 1e9, as pandas
+
+
 def _days_since(last: pd.Series, now_s: Any) -> np.ndarray:
     """Days from the epoch seconds in ``last`` (nullable) to ``now_s`` (scalar or per row); NaN where unknown."""
     last_f = pd.to_numeric(last, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
@@ -305,8 +330,7 @@ def event_records(events: pd.DataFrame | Sequence[Mapping[str, Any]], *, source:
                             column="event_type")
         raw_ts = row["timestamp"]
         try:
-            when = float(raw_ts) if isinstance(raw_ts, (int, float, np.integer, np.floating)) else \
-                _seconds(pd.Timestamp(raw_ts))
+            when = _event_seconds(raw_ts)
         except (ValueError, TypeError) as exc:
             raise DataError(f"unparsable timestamp {raw_ts!r} ({exc})", source=source, row=n, column="timestamp") from None
         value = row.get("value")

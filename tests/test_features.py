@@ -126,6 +126,22 @@ def test_event_records_name_the_bad_row_and_column() -> None:
         T.event_records([{"user_id": "u", "item_id": "a", "timestamp": "yesterday-ish"}])
 
 
+def test_event_timestamps_read_by_the_standard_library_equal_pandas() -> None:
+    """The real-time path parses ISO strings with ``datetime.fromisoformat``: every form must give
+    the float pandas gives (nanoseconds and other formats still go through pandas)."""
+    values = ["2024-01-05T15:00:00.123456+00:00", "2024-01-05T15:00:00Z", "2024-01-05T16:00:00+02:00",
+              "2024-01-05 15:00:00", "2024-01-05", " 2024-01-05T15:00:00.5Z ", "20240105T150000Z",
+              "2024-01-05T15:00:00.123456789Z", "1969-12-31T23:59:59.999999Z", "Jan 5 2024 3pm",
+              datetime(2024, 1, 5, 15, 0, 0, 999_999), datetime(2024, 1, 5, 15, tzinfo=timezone.utc),
+              pd.Timestamp("2024-01-05 15:00:00.000000001", tz="UTC"), np.datetime64("2024-01-05T15:00:00.25")]
+    for v in values:
+        want = T._seconds(pd.Timestamp(v.strip() if isinstance(v, str) else v))
+        got = T.event_records([{"user_id": "u", "item_id": "a", "timestamp": v}])[0]["ts"]
+        assert got == want and type(got) is float, (v, got, want)
+    assert [r["ts"] for r in T.event_records([{"user_id": "u", "item_id": "a", "timestamp": t}
+                                              for t in (1_704_466_800, 1_704_466_800.5)])] == [1_704_466_800.0, 1_704_466_800.5]
+
+
 def test_derived_features_are_relative_to_each_rows_time() -> None:
     frame = pd.DataFrame({
         "user_last_event_ts": [int(ts("2024-01-01").timestamp()), None],
