@@ -85,26 +85,35 @@ def breakdown(engine, client, users: list[str], batch: int, rounds: int, seed: i
 
 def after_idle(engine, client, users: list[str], *, batch: int = 4, gaps_ms: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0),
                rounds: int = 150, seed: int = 0) -> list[dict]:
-    """A micro-batch's time when the thread slept before it (as a server's model thread does between
-    batches at low load) against back to back: the same work, on a core that idled meanwhile.
-    Median wall and thread-CPU ms per batch for each sleep; the rounds of each gap are interleaved."""
+    """A micro-batch's time after a gap against back to back: the same work after the thread slept
+    (as a server's model thread does between batches at low load: the core idles or runs another
+    thread), and after the thread spent the gap in a pure-Python loop (the core stayed busy, with
+    other code: what is left of the slowdown is that code's footprint in the caches and branch
+    predictors, not the core's idling). Median wall and thread-CPU ms per batch for each gap; the
+    rounds of every gap and kind are interleaved."""
     batches = _sampled_batches(client, users, batch, 16, random.Random(seed + 1000 + batch))
     for ids, hist in batches:
         engine.recommend(ids, k=20, histories=hist)
-    wall: dict[float, list[float]] = {g: [] for g in gaps_ms}
-    cpu: dict[float, list[float]] = {g: [] for g in gaps_ms}
+    kinds = [(0.0, "none")] + [(g, k) for g in gaps_ms if g for k in ("sleep", "python_loop")]
+    wall: dict[tuple[float, str], list[float]] = {x: [] for x in kinds}
+    cpu: dict[tuple[float, str], list[float]] = {x: [] for x in kinds}
     for n in range(rounds):
-        for g in gaps_ms:
+        for g, kind in kinds:
             ids, hist = batches[n % len(batches)]
-            if g:
+            if kind == "sleep":
                 time.sleep(g / 1000.0)
+            elif kind == "python_loop":
+                end = time.perf_counter() + g / 1000.0
+                while time.perf_counter() < end:
+                    pass
             else:
                 engine.recommend(ids, k=20, histories=hist)  # back to back: the batch before runs right before
             t, c = time.perf_counter(), time.thread_time()
             engine.recommend(ids, k=20, histories=hist)
-            wall[g].append(time.perf_counter() - t)
-            cpu[g].append(time.thread_time() - c)
-    return [{"batch": batch, "idle_before_ms": g, "wall_ms": _median_ms(wall[g]), "cpu_ms": _median_ms(cpu[g])} for g in gaps_ms]
+            wall[(g, kind)].append(time.perf_counter() - t)
+            cpu[(g, kind)].append(time.thread_time() - c)
+    return [{"batch": batch, "idle_before_ms": g, "gap": kind, "wall_ms": _median_ms(wall[(g, kind)]),
+             "cpu_ms": _median_ms(cpu[(g, kind)])} for g, kind in kinds]
 
 
 #: what runs on the other core beside the batch: nothing, a pure-Python loop (CPU only, a few KB of
@@ -237,10 +246,13 @@ def render_md(r: dict) -> str:
               "`Engine.recommend` adds id mapping and history rows. `dense mlp` / `over mlp`: the ranker's two "
               "MLPs alone on the batch's candidate rows (part of `ranking`)."]
     if r.get("after_idle"):
-        lines += ["", "The same micro-batch after the thread slept (as a server's model thread does between batches at low "
-                  "load; median ms per batch, rounds interleaved):", "",
-                  "| batch | idle before (ms) | wall ms | thread CPU ms |", "|---|---|---|---|"]
-        lines += [f"| {x['batch']} | {x['idle_before_ms']} | {x['wall_ms']} | {x['cpu_ms']} |" for x in r["after_idle"]]
+        base = r["after_idle"][0]["cpu_ms"]
+        lines += ["", "The same micro-batch after a gap: the thread slept (as a server's model thread does between batches at "
+                  "low load), or spent the gap in a pure-Python loop (the core stayed busy with other code); median ms per "
+                  "batch, rounds interleaved:", "",
+                  "| batch | gap before (ms) | spent | wall ms | thread CPU ms | CPU vs back to back |", "|---|---|---|---|---|---|"]
+        lines += [f"| {x['batch']} | {x['idle_before_ms']} | {x.get('gap', 'sleep' if x['idle_before_ms'] else 'none').replace('_', ' ')} "
+                  f"| {x['wall_ms']} | {x['cpu_ms']} | {round(x['cpu_ms'] / base, 2) if base else ''} |" for x in r["after_idle"]]
     if r.get("beside_other_core"):
         lines += ["", "The same micro-batch with this process pinned to one core and the other core idle, running a "
                   "pure-Python loop, or streaming a 16 MB array (median thread-CPU ms per batch; co-runners interleaved):", "",

@@ -58,12 +58,14 @@ def test_breakdown_report_shows_the_idle_and_co_runner_tables_only_when_measured
            "dense_mlp_ms": 0.2, "over_mlp_ms": 0.4, "diversity_ms": 0.04, "total_ms": 2.0, "per_request_ms": 2.0}
     res = {"measured": {"at": "t", "load_avg": [0.1], "cpu_speed_start_end": [30.0, 31.0]}, "setup": {}, "rows": [row],
            "fixed_ms_per_batch": 1.2, "ms_per_request": 0.8,
-           "after_idle": [{"batch": 4, "idle_before_ms": 10.0, "wall_ms": 5.2, "cpu_ms": 5.1}],
+           "after_idle": [{"batch": 4, "idle_before_ms": 0.0, "gap": "none", "wall_ms": 2.6, "cpu_ms": 2.55},
+                          {"batch": 4, "idle_before_ms": 10.0, "gap": "sleep", "wall_ms": 5.2, "cpu_ms": 5.1},
+                          {"batch": 4, "idle_before_ms": 10.0, "gap": "python_loop", "wall_ms": 3.9, "cpu_ms": 3.83}],
            "beside_other_core": [{"batch": 1, "other_core": name, "cpu_ms": 2.0 * (1 + k), "vs_idle": 1.0 + k}
                                  for k, name in enumerate(CO_RUNNERS)]}
     md = render_md(res)
     assert "| 1 | 480 | 0.1 | 0.2 | 0.0 | 1.0 | 0.2 | 0.4 | 0.04 | 2.0 | 2.0 |" in md
-    assert "| 4 | 10.0 | 5.2 | 5.1 |" in md
+    assert "| 4 | 10.0 | sleep | 5.2 | 5.1 | 2.0 |" in md and "| 4 | 10.0 | python loop | 3.9 | 3.83 | 1.5 |" in md
     assert list(CO_RUNNERS)[0] == "idle" and "| 1 | memory stream | 6.0 | 3.0 |" in md
     assert "other core" not in render_md({**res, "beside_other_core": None})
 
