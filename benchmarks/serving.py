@@ -133,21 +133,30 @@ def clustered(n: int, d: int, *, clusters: int, rng, spread: float = 0.5, intrin
     return x.astype(np.float32)
 
 
+#: the two layouts of the same HNSW graph the catalog part measures side by side (``models.ann``)
+LAYOUTS = {"serving": {"reorder": True, "huge_pages": True}, "plain": {"reorder": False, "huge_pages": False}}
+
+
 def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: int = 0, target_recall: float = 0.95,
                     m: int = 16, ef_construction: int = 64, ef_ladder: tuple[int, ...] = (64, 128, 256, 512, 1024),
-                    candidates: int = 500, spread: float = 0.5, intrinsic_dim: int | None = 16) -> list[dict]:
+                    candidates: int = 500, spread: float = 0.5, intrinsic_dim: int | None = 16) -> dict[str, list[dict]]:
     """Like for like: the SAME index type (HNSW, ``m`` links, ``ef_construction``) at every
-    catalog size, over clustered embeddings; per size, efSearch is the smallest value on
-    ``ef_ladder`` whose recall@100 (of the top-``candidates`` ANN answer, against exact top-100)
-    reaches ``target_recall``. Latency is one query at a time on one thread (what a request
-    costs), p50/p99 over ``queries``, in wall time and in the thread's CPU time (on a shared
-    machine wall-time p99 mostly measures the other tenants' preemptions; CPU time measures
-    the search); exact (flat) search time is reported beside it."""
+    catalog size, over clustered embeddings, in two layouts (:data:`LAYOUTS`): as serving builds
+    it (``models.ann.hnsw_index``: locality order, huge pages) and plain FAISS. Per size and
+    layout, efSearch is the smallest value on ``ef_ladder`` whose recall@100 (of the
+    top-``candidates`` ANN answer, against exact top-100) reaches ``target_recall``. Latency is
+    one query at a time on one thread (what a request costs), the two layouts alternating query by
+    query (drift of a shared machine hits both alike), p50/p99 over ``queries``, in wall time and
+    in the thread's CPU time (on a shared machine wall-time p99 mostly measures the other tenants'
+    preemptions; CPU time measures the search); exact (flat) search time is reported beside it.
+    Returns the rows per layout."""
     import faiss
     import numpy as np
 
+    from models.ann import hnsw_index, set_ef_search
+
     rng = np.random.default_rng(seed)
-    out = []
+    out: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
     for n in sizes:
         clusters = max(64, n // 500)
         state = rng.bit_generator.state  # queries come from the same mixture (same centres and subspace)
@@ -161,37 +170,43 @@ def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: 
         t = time.perf_counter()
         _, truth = exact.search(q, 100)
         exact_ms = (time.perf_counter() - t) / queries * 1000
-        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        faiss.omp_set_num_threads(2)
-        t = time.perf_counter()
-        index.add(items)
-        build_s = time.perf_counter() - t
-        faiss.omp_set_num_threads(1)
-        for ef in ef_ladder:
-            index.hnsw.efSearch = ef
+        indexes, build_s, efs, recalls = {}, {}, {}, {}
+        for name, layout in LAYOUTS.items():
+            faiss.omp_set_num_threads(2)
+            t = time.perf_counter()
+            indexes[name] = hnsw_index(items, m=m, ef_construction=ef_construction, ef_search=ef_ladder[0], seed=seed, **layout)
+            build_s[name] = time.perf_counter() - t
+            faiss.omp_set_num_threads(1)
+            for ef in ef_ladder:
+                set_ef_search(indexes[name], ef)
+                _, found = indexes[name].search(q, candidates)
+                recalls[name] = float(np.mean([len(set(found[i, :100]) & set(truth[i])) / 100 for i in range(queries)]))
+                efs[name] = ef
+                if recalls[name] >= target_recall:
+                    break
+        for index in indexes.values():
             index.search(q[:20], candidates)  # warm caches
-            lat, cpu = [], []
-            found = np.empty((queries, candidates), np.int64)
-            for i in range(queries):
+        lat: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+        cpu: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+        for i in range(queries):
+            for name, index in indexes.items():
                 t, c = time.perf_counter(), time.thread_time()
-                _, f = index.search(q[i:i + 1], candidates)
-                cpu.append((time.thread_time() - c) * 1000)
-                lat.append((time.perf_counter() - t) * 1000)
-                found[i] = f[0]
-            recall = float(np.mean([len(set(found[i, :100]) & set(truth[i])) / 100 for i in range(queries)]))
-            if recall >= target_recall:
-                break
-        lat.sort()
-        cpu.sort()
-        row = {"items": n, "spread": spread, "clusters": clusters, "intrinsic_dim": intrinsic_dim, "index": f"hnsw (M {m}, efConstruction {ef_construction})", "ef_search": ef,
-               "build_s": round(build_s, 1), "p50_ms": round(lat[len(lat) // 2], 3),
-               "p99_ms": round(lat[int(0.99 * len(lat))], 3), "cpu_p50_ms": round(cpu[len(cpu) // 2], 3),
-               "cpu_p99_ms": round(cpu[int(0.99 * len(cpu))], 3), "ann_recall@100": round(recall, 4),
-               "exact_ms_per_query": round(exact_ms, 3)}
-        out.append(row)
-        print("catalog", row, flush=True)
-        del index, exact, items
+                index.search(q[i:i + 1], candidates)
+                cpu[name].append((time.thread_time() - c) * 1000)
+                lat[name].append((time.perf_counter() - t) * 1000)
+        for name in LAYOUTS:
+            lat[name].sort()
+            cpu[name].sort()
+            layout = "locality order, huge pages" if LAYOUTS[name]["reorder"] else "plain"
+            row = {"items": n, "spread": spread, "clusters": clusters, "intrinsic_dim": intrinsic_dim,
+                   "index": f"hnsw (M {m}, efConstruction {ef_construction})", "layout": layout, "ef_search": efs[name],
+                   "build_s": round(build_s[name], 1), "p50_ms": round(lat[name][len(lat[name]) // 2], 3),
+                   "p99_ms": round(lat[name][int(0.99 * queries)], 3), "cpu_p50_ms": round(cpu[name][len(cpu[name]) // 2], 3),
+                   "cpu_p99_ms": round(cpu[name][int(0.99 * queries)], 3), "ann_recall@100": round(recalls[name], 4),
+                   "exact_ms_per_query": round(exact_ms, 3)}
+            out[name].append(row)
+            print("catalog", row, flush=True)
+        del indexes, exact, items
     return out
 
 
@@ -560,7 +575,7 @@ def main() -> None:
                  "open_loop_server_cpu_ms_per_request",
                  "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "open_loop_where_time_went",
                  "closed_loop_curve", "open_loop_curve", "open_loop_p99_le_10ms_up_to_rps")
-    cat_keys = ("catalog_scaling", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
+    cat_keys = ("catalog_scaling", "catalog_scaling_plain_hnsw", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
         try:
@@ -573,7 +588,8 @@ def main() -> None:
     if "catalog" in parts:
         la = load_avg()
         sizes = [4_000, 100_000] if args.quick else [4_000, 100_000, 1_000_000]
-        res["catalog_scaling"] = catalog_scaling(sizes, spread=args.spread, intrinsic_dim=args.intrinsic_dim or None)
+        layouts = catalog_scaling(sizes, spread=args.spread, intrinsic_dim=args.intrinsic_dim or None)
+        res["catalog_scaling"], res["catalog_scaling_plain_hnsw"] = layouts["serving"], layouts["plain"]
         base, cbase = res["catalog_scaling"][0]["p99_ms"], res["catalog_scaling"][0]["cpu_p99_ms"]
         res["catalog_p99_growth"] = round(res["catalog_scaling"][-1]["p99_ms"] / base, 2) if base else None
         res["catalog_cpu_p99_growth"] = round(res["catalog_scaling"][-1]["cpu_p99_ms"] / cbase, 2) if cbase else None
@@ -688,13 +704,20 @@ def render_md(r: dict) -> str:
         f"middle repeat; the handler's times are the server's own `timings_ms`, outside it is waiting for an event loop "
         f"and the network): {_time_went_md(r.get('open_loop_where_time_went'))}.", "",
         "## Catalog scaling (retrieval, one thread, top-500 per query, clustered 64-d embeddings, same index type at every size)", "",
-        f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}).", "",
-        "| items | index | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Measured {cm.get('at', '?')} (load average {cm.get('load_avg_start')} -> {cm.get('load_avg_end')}). The index as "
+        "serving builds it (`models.ann.hnsw_index`: items stored in k-means locality order, vectors and links on "
+        "transparent huge pages) and, below it, the same graph in plain FAISS; the two alternate query by query.", "",
+        "| items | index | layout | efSearch | build s | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms | ANN recall@100 | exact ms/query |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in r["catalog_scaling"]:
-        lines.append(f"| {c['items']:,} | {c['index']} | {c.get('ef_search', '')} | {c.get('build_s', '')} | {c['p50_ms']} | "
-                     f"{c['p99_ms']} | {c.get('cpu_p50_ms', '')} | {c.get('cpu_p99_ms', '')} | {c['ann_recall@100']} | {c['exact_ms_per_query']} |")
+    for c in r["catalog_scaling"] + r.get("catalog_scaling_plain_hnsw", []):
+        lines.append(f"| {c['items']:,} | {c['index']} | {c.get('layout', 'plain')} | {c.get('ef_search', '')} | {c.get('build_s', '')} | "
+                     f"{c['p50_ms']} | {c['p99_ms']} | {c.get('cpu_p50_ms', '')} | {c.get('cpu_p99_ms', '')} | {c['ann_recall@100']} | "
+                     f"{c['exact_ms_per_query']} |")
+    plain = r.get("catalog_scaling_plain_hnsw")
+    if plain and plain[0].get("cpu_p99_ms"):
+        lines += ["", f"Plain FAISS, the same graph: p99 growth {round(plain[-1]['p99_ms'] / plain[0]['p99_ms'], 2)}x wall "
+                  f"time, {round(plain[-1]['cpu_p99_ms'] / plain[0]['cpu_p99_ms'], 2)}x CPU time."]
     lines += ["", f"p99 growth smallest -> largest: {r['catalog_p99_growth']}x wall time, "
               f"{r.get('catalog_cpu_p99_growth')}x CPU time", "", "## Targets", ""]
     lines += [f"- {k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()]

@@ -396,11 +396,12 @@ class EmbeddingSource:
         if index is None:
             d = self.item_vectors.shape[1]
             if len(self.item_vectors) > hnsw_above:
-                index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-                index.hnsw.efSearch = ef_search
+                from models.ann import hnsw_index
+
+                index = hnsw_index(self.item_vectors, m=32, ef_construction=40, ef_search=ef_search)
             else:
                 index = faiss.IndexFlatIP(d)
-            index.add(self.item_vectors)
+                index.add(self.item_vectors)
         elif index.ntotal != len(self.item_vectors):
             raise TwoStageError(f"{name}: the index holds {index.ntotal} vectors, item_vectors {len(self.item_vectors)}")
         self.index = index

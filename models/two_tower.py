@@ -591,29 +591,30 @@ def compute_item_vectors(model: TwoTower, builder: FeatureBuilder, n_items: int,
 
 
 def build_faiss_index(vectors: np.ndarray, config: TwoTowerConfig):
-    """Exact inner product (cosine on normalised vectors) for small catalogs, HNSW for large."""
+    """Exact inner product (cosine on normalised vectors) for small catalogs, HNSW for large ones
+    (in locality order, on huge pages where the kernel allows: ``models.ann``)."""
     import faiss
+
+    from models.ann import hnsw_index
 
     kind = config.index
     if kind == "auto":
         kind = "flat" if len(vectors) <= config.flat_index_max_items else "hnsw"
-    d = vectors.shape[1]
     if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    else:
-        index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 200
-        index.hnsw.efSearch = config.hnsw_ef_search
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        return index
+    return hnsw_index(vectors, m=config.hnsw_m, ef_construction=200, ef_search=config.hnsw_ef_search)
 
 
 def load_faiss_index(data: np.ndarray, config: TwoTowerConfig):
     import faiss
 
+    from models.ann import back_with_huge_pages, set_ef_search
+
     index = faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = config.hnsw_ef_search
+    set_ef_search(index, config.hnsw_ef_search)
+    back_with_huge_pages(index)
     return index
 
 

@@ -100,3 +100,17 @@ def test_cache_lookups_between_snapshots_and_the_feature_cache_summary():
     md = render_md({"measured_at": "now", "machine": {"cpus": 2}, "pairs": 2, "order": list(runs) * 2, "warm_s": 60,
                     "duration_s": 10, "events_per_s": 100, "users": 1787, "cpu_speed": [50.0] * 4, "summary": summary})
     assert "| ttl60_stamps | 700 | " in md and "(30, 20)" in md
+
+
+def test_catalog_scaling_measures_the_serving_layout_beside_plain_faiss():
+    """Both layouts of the same HNSW graph per size, each at the smallest efSearch reaching the
+    recall target, answering in the catalog's row numbers (recall is against exact search)."""
+    pytest.importorskip("faiss")
+    from benchmarks.serving import LAYOUTS, catalog_scaling
+
+    out = catalog_scaling([1500], queries=20, target_recall=0.9)
+    assert set(out) == set(LAYOUTS)
+    for name, rows in out.items():
+        (row,) = rows
+        assert row["items"] == 1500 and row["ann_recall@100"] >= 0.9 and row["cpu_p99_ms"] >= row["cpu_p50_ms"] > 0
+        assert row["layout"] == ("plain" if name == "plain" else "locality order, huge pages")

@@ -408,9 +408,13 @@ def test_exact_search_matches_faiss_flat():
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
     hnsw = EmbeddingSource(vecs, vecs[:3], name="ann", hnsw_above=100)
-    assert isinstance(hnsw.index, faiss.IndexHNSWFlat)
+    from models.ann import hnsw_of
+
+    assert hnsw_of(hnsw.index) is not None
     _, found = hnsw.search(queries, 10)
     assert found.shape == (7, 10) and (found >= 0).all()
+    _, exact = src.search(queries, 10)  # row numbers of the same catalog (the HNSW is stored reordered)
+    assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]) >= 0.9
 
 
 def test_filter_ranked_drops_excluded_and_compacts_in_order():
