@@ -137,7 +137,7 @@ def clustered(n: int, d: int, *, clusters: int, rng, spread: float = 0.5, intrin
 LAYOUTS = {"serving": {"reorder": True, "huge_pages": True}, "plain": {"reorder": False, "huge_pages": False}}
 
 
-def catalog_scaling(sizes: list[int], *, queries: int = 300, d: int = 64, seed: int = 0, target_recall: float = 0.95,
+def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed: int = 0, target_recall: float = 0.95,
                     m: int = 16, ef_construction: int = 64, ef_ladder: tuple[int, ...] = (64, 128, 256, 512, 1024),
                     candidates: int = 500, spread: float = 0.5, intrinsic_dim: int | None = 16) -> dict[str, list[dict]]:
     """Like for like: the SAME index type (HNSW, ``m`` links, ``ef_construction``) at every
