@@ -233,8 +233,9 @@ _FRACTION_BEYOND_US = re.compile(r"\.\d{7,}")  # nanoseconds: datetime keeps mic
 
 def _event_seconds(raw: Any) -> float:
     """Epoch seconds of one event's timestamp, the same float :func:`_seconds` (pandas) gives: the
-    real-time path reads ISO strings and datetimes with the standard library (2.4 us against
-    6.2 for ``pd.Timestamp`` with an offset, measured here) and leaves pandas the other formats it accepts, and nanoseconds."""
+    real-time path reads ISO strings and datetimes with the standard library (2.4 us against 6.2
+    for ``pd.Timestamp`` with an offset, measured here) and leaves pandas the other formats it
+    accepts, and nanoseconds."""
     if isinstance(raw, (int, float, np.integer, np.floating)):
         return float(raw)
     when = None

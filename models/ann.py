@@ -39,11 +39,12 @@ _MADV_COLLAPSE = 25  # Linux 6.1+: collapse into huge pages now (else khugepaged
 
 def locality_order(vectors: np.ndarray, *, seed: int = 0, sample: int = 100_000, niter: int = 10) -> np.ndarray:
     """A permutation of the rows grouping each row with its nearest of ~sqrt(n) spherical k-means
-    centroids (trained on at most ``sample`` rows): ``vectors[order]`` is the storage order."""
+    centroids (trained on at most ``sample`` rows, at least 39 per centroid as FAISS asks):
+    ``vectors[order]`` is the storage order."""
     import faiss
 
     n, d = vectors.shape
-    k = max(1, min(int(np.sqrt(n)), n))
+    k = min(int(np.sqrt(n)), min(n, sample) // 39)
     if k < 2:
         return np.arange(n, dtype=np.int64)
     x = np.ascontiguousarray(vectors, dtype=np.float32)

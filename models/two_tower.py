@@ -590,9 +590,10 @@ def compute_item_vectors(model: TwoTower, builder: FeatureBuilder, n_items: int,
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
-def build_faiss_index(vectors: np.ndarray, config: TwoTowerConfig):
+def build_faiss_index(vectors: np.ndarray, config: TwoTowerConfig, *, huge_pages: bool = True):
     """Exact inner product (cosine on normalised vectors) for small catalogs, HNSW for large ones
-    (in locality order, on huge pages where the kernel allows: ``models.ann``)."""
+    (in locality order, on huge pages where the kernel allows: ``models.ann``; ``huge_pages=False``
+    for an index that is only serialized: loading advises its own copy)."""
     import faiss
 
     from models.ann import hnsw_index
@@ -604,7 +605,8 @@ def build_faiss_index(vectors: np.ndarray, config: TwoTowerConfig):
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         return index
-    return hnsw_index(vectors, m=config.hnsw_m, ef_construction=200, ef_search=config.hnsw_ef_search)
+    return hnsw_index(vectors, m=config.hnsw_m, ef_construction=200, ef_search=config.hnsw_ef_search,
+                      huge_pages=huge_pages)
 
 
 def load_faiss_index(data: np.ndarray, config: TwoTowerConfig):
@@ -808,7 +810,7 @@ class TwoTowerRecommender:
         if with_index:
             import faiss
 
-            arrays["faiss_index"] = faiss.serialize_index(build_faiss_index(self.item_vectors, self.config))
+            arrays["faiss_index"] = faiss.serialize_index(build_faiss_index(self.item_vectors, self.config, huge_pages=False))
         return Artifact(kind=KIND, config=self.config, state_dict=_plain_state(self.model), users=self.users,
                         items=self.items, arrays=arrays, feature_service_version=feature_service_version,
                         metadata=dict(metadata or {}))
