@@ -17,6 +17,12 @@ Layout: a header of four 32-bit words (magic, version, slot count, reserved), on
 ``crc32(user_id) % slots``: users that collide share a counter, which only costs a spurious
 re-read, never a stale answer. Counters wrap at 2**32; only equality is ever compared.
 
+Writers of the same user also exclude each other (:meth:`ChangeStamps.writing`): a write is a
+read-modify-write of the user's state (history, counters), and two processes interleaving theirs
+would lose one update. Each slot's word doubles as a POSIX byte-range lock, taken in slot order
+around the whole read-modify-write, so writers of the same users queue host-wide and writers of
+other users go on; a process that dies releases its locks with it.
+
 Ordering, which is what makes a hit safe: a writer writes the store and *then* bumps; a reader
 reads the counter and *then* the store. Whatever the interleaving, a reader that saw the old
 counter is invalidated by the bump, and one that saw the new counter read the new value. Bumps
@@ -33,7 +39,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from core.schemas import DataError
 
@@ -43,6 +49,12 @@ HEADER_WORDS = 4
 GLOBAL = HEADER_WORDS          # the word materialisation bumps
 FIRST_SLOT = HEADER_WORDS + 1  # user slots start here
 MASK = 0xFFFFFFFF
+
+
+#: per stamp file, the lock the writing threads of this process take before the slots' POSIX locks
+#: (those belong to the process: they do not exclude its own threads, nor its other mappings)
+_PROCESS_WRITERS: dict[str, threading.Lock] = {}
+_PROCESS_WRITERS_LOCK = threading.Lock()
 
 
 class ChangeStamps:
@@ -164,6 +176,28 @@ class ChangeStamps:
         """Invalidate every user on this host (materialisation rewrote the store)."""
         with self._locked() as words:
             words[GLOBAL] = (words[GLOBAL] + 1) & MASK
+
+    @contextlib.contextmanager
+    def writing(self, user_ids: Iterable[str]) -> Iterator[None]:
+        """Hold the write locks of these users' slots, host-wide, for a read-modify-write of their
+        state: other writers of any of them (another process or thread) wait; writers of other
+        users do not. Slots are locked in ascending order (no deadlock between writers of
+        overlapping user sets); a process that dies releases its locks. POSIX semantics: closing
+        any descriptor of the file in this process releases them, so nothing else here opens it
+        while a write is in flight (the file is opened once per mapping, at attach)."""
+        with _PROCESS_WRITERS_LOCK:
+            mine = _PROCESS_WRITERS.setdefault(str(self.path.resolve()), threading.Lock())
+        with mine:
+            file, slots = self._file, self._table[1]  # one file for lock and unlock, even across a reattach
+            held: list[int] = []
+            try:
+                for slot in sorted({self._slot_of(u, slots) for u in user_ids}):
+                    fcntl.lockf(file.fileno(), fcntl.LOCK_EX, 4, 4 * slot, os.SEEK_SET)
+                    held.append(slot)
+                yield
+            finally:
+                for slot in reversed(held):
+                    fcntl.lockf(file.fileno(), fcntl.LOCK_UN, 4, 4 * slot, os.SEEK_SET)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[memoryview]:

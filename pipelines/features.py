@@ -835,8 +835,13 @@ class OnlineFeatureClient:
         process on this host stops serving their cached features. This process caches what it
         wrote, unless another write of those users (or a materialisation) came between its read
         and its bump: then what it wrote may not be the newest, and the next request re-reads.
+
+        With change stamps on, the read-modify-write holds the users' write locks
+        (:meth:`pipelines.feature_stamps.ChangeStamps.writing`): another process or thread on the
+        host applying events of the same user waits instead of overwriting this update (or this
+        one overwriting its). Writers on other hosts sharing a Redis store are not covered.
         """
-        from feature_defs.transforms import empty_user_state, event_records, update_user_state
+        from feature_defs.transforms import event_records
 
         recs = event_records(events, source="apply_events")
         if not recs:
@@ -845,6 +850,14 @@ class OnlineFeatureClient:
         for r in recs:
             by_user.setdefault(r["user_id"], []).append(r)
         users = sorted(by_user)
+        with contextlib.nullcontext() if self._stamps is None else self._stamps.writing(users):
+            return self._apply(users, by_user, len(recs))
+
+    def _apply(self, users: list[str], by_user: Mapping[str, list[dict[str, Any]]], n_events: int) -> dict[str, int]:
+        """:meth:`apply_events`' read-modify-write of ``users``' state (under their write locks)."""
+        from feature_defs.transforms import empty_user_state, update_user_state
+
+        recs = [r for uid in users for r in by_user[uid]]
         noted = {uid: self._note(uid) for uid in users}  # before the read the new state is built on
         current, stored_ts = self._read_state(users)
         cat_index = self._item_category_index(list({r["item_id"] for r in recs}))
@@ -868,7 +881,7 @@ class OnlineFeatureClient:
                 self._remember(uid, self._expiry(t), {c: new[c] for c in self.user_columns}, stamps)
             else:
                 self._cache.pop(uid, None)
-        return {"users": len(users), "events": len(recs)}
+        return {"users": len(users), "events": n_events}
 
     def _write_and_bump(self, writes: Mapping[str, list[tuple[str, dict[str, Any], datetime]]],
                         noted: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:

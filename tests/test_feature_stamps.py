@@ -96,3 +96,46 @@ def test_concurrent_writers_in_processes_lose_no_increment(tmp_path) -> None:
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no temporary file left behind
     magic, version, slots, _ = struct.unpack("<4I", open(path, "rb").read(16))
     assert (version, slots) == (1, 1 << 20) and GLOBAL == FIRST_SLOT - 1
+
+
+def _hold_write_lock(path: str, user: str, held, release) -> None:
+    stamps = ChangeStamps(path, slots=1024)
+    with stamps.writing([user]):
+        held.set()
+        release.wait(60)
+
+
+def test_a_users_write_lock_excludes_other_processes_for_that_user_only(tmp_path) -> None:
+    """While another process holds alice's write lock, alice's slot cannot be locked here and
+    bob's can; once it lets go, alice's can too."""
+    import fcntl
+
+    path = str(tmp_path / "stamps")
+    stamps = ChangeStamps(path, slots=1024)
+    ctx = multiprocessing.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_write_lock, args=(path, "alice", held, release))
+    proc.start()
+    try:
+        assert held.wait(60)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            def try_lock(user: str) -> bool:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 4, 4 * stamps.slot(user), os.SEEK_SET)
+                except OSError:
+                    return False
+                fcntl.lockf(fd, fcntl.LOCK_UN, 4, 4 * stamps.slot(user), os.SEEK_SET)
+                return True
+
+            assert not try_lock("alice") and try_lock("bob")
+            release.set()
+            proc.join(60)
+            assert proc.exitcode == 0 and try_lock("alice")
+        finally:
+            os.close(fd)
+    finally:
+        release.set()
+        proc.join(60)
+    with stamps.writing(["alice", "bob", "alice"]):  # this process: both slots, each once, then released
+        pass

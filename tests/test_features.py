@@ -445,6 +445,38 @@ def _apply_one_event(settings, user_id: str, item_id: str) -> None:
         [{"user_id": user_id, "item_id": item_id, "event_type": "click", "timestamp": ts("2024-01-14 20:00")}])
 
 
+def _apply_many(settings, user_id: str, worker: int, n: int, barrier) -> None:
+    """A spawned process applies ``n`` one-event batches of ``user_id``, starting with the others."""
+    from pipelines.features import OnlineFeatureClient
+
+    client = OnlineFeatureClient(settings, load_items=False)
+    barrier.wait(120)
+    for k in range(n):
+        client.apply_events([{"user_id": user_id, "item_id": f"race-{worker}-{k}", "event_type": "click",
+                              "timestamp": 1_705_300_000 + k}])
+
+
+@pytest.mark.slow
+def test_writers_of_one_user_in_four_processes_lose_no_update(store_settings, materialized) -> None:
+    """``apply_events`` is a read-modify-write: four processes applying events of the same user at
+    once must queue on the user's write lock (``ChangeStamps.writing``), not overwrite each other."""
+    import multiprocessing
+
+    from pipelines.features import OnlineFeatureClient
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, n = ctx.Barrier(4), 30
+    procs = [ctx.Process(target=_apply_many, args=(store_settings, "race-user", w, n, barrier)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * 4
+    got = OnlineFeatureClient(store_settings, load_items=False).users_features(["race-user"], derived=False)[0]
+    assert got["user_events_total"] == 4 * n
+    assert len(set(got["recent_items"])) == len(got["recent_items"]) and all(i.startswith("race-") for i in got["recent_items"])
+
+
 @pytest.mark.slow
 def test_a_write_on_this_host_invalidates_every_process_cache_at_once(store_settings, materialized) -> None:
     """With a one-hour TTL, a user's cached features stop being a hit the moment another process
