@@ -55,6 +55,7 @@ MASK = 0xFFFFFFFF
 #: (those belong to the process: they do not exclude its own threads, nor its other mappings)
 _PROCESS_WRITERS: dict[str, threading.Lock] = {}
 _PROCESS_WRITERS_LOCK = threading.Lock()
+_WRITING = threading.local()  # the stamp files this thread holds write locks of
 
 
 class ChangeStamps:
@@ -185,9 +186,14 @@ class ChangeStamps:
         overlapping user sets); a process that dies releases its locks. POSIX semantics: closing
         any descriptor of the file in this process releases them, so nothing else here opens it
         while a write is in flight (the file is opened once per mapping, at attach)."""
+        key = str(self.path.resolve())
+        holding = _WRITING.__dict__.setdefault("paths", set())
+        if key in holding:  # POSIX locks do not nest: an inner release would free the outer write
+            raise RuntimeError(f"a write to {self.path}'s users started inside another one on the same thread")
         with _PROCESS_WRITERS_LOCK:
-            mine = _PROCESS_WRITERS.setdefault(str(self.path.resolve()), threading.Lock())
+            mine = _PROCESS_WRITERS.setdefault(key, threading.Lock())
         with mine:
+            holding.add(key)
             file, slots = self._file, self._table[1]  # one file for lock and unlock, even across a reattach
             held: list[int] = []
             try:
@@ -198,6 +204,7 @@ class ChangeStamps:
             finally:
                 for slot in reversed(held):
                     fcntl.lockf(file.fileno(), fcntl.LOCK_UN, 4, 4 * slot, os.SEEK_SET)
+                holding.discard(key)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[memoryview]:

@@ -138,4 +138,8 @@ def test_a_users_write_lock_excludes_other_processes_for_that_user_only(tmp_path
         release.set()
         proc.join(60)
     with stamps.writing(["alice", "bob", "alice"]):  # this process: both slots, each once, then released
+        with pytest.raises(RuntimeError, match="inside another one"):  # would deadlock, or free the outer
+            with ChangeStamps(path, slots=1024).writing(["carol"]):
+                pass
+    with stamps.writing(["alice"]):  # released: usable again
         pass
