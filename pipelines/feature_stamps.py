@@ -69,6 +69,7 @@ class ChangeStamps:
         if slots < 1:
             raise ValueError(f"change stamps need at least one slot, got {slots}")
         self.path = Path(path)
+        self._writers_key = str(self.path.resolve())  # one per-process writers' lock per file, however named
         self._lock = threading.Lock()  # writers' threads in this process queue here (see _locked)
         self._attach(slots)
 
@@ -186,7 +187,7 @@ class ChangeStamps:
         overlapping user sets); a process that dies releases its locks. POSIX semantics: closing
         any descriptor of the file in this process releases them, so nothing else here opens it
         while a write is in flight (the file is opened once per mapping, at attach)."""
-        key = str(self.path.resolve())
+        key = self._writers_key
         holding = _WRITING.__dict__.setdefault("paths", set())
         if key in holding:  # POSIX locks do not nest: an inner release would free the outer write
             raise RuntimeError(f"a write to {self.path}'s users started inside another one on the same thread")
