@@ -857,10 +857,9 @@ class OnlineFeatureClient:
         """:meth:`apply_events`' read-modify-write of ``users``' state (under their write locks)."""
         from feature_defs.transforms import empty_user_state, update_user_state
 
-        recs = [r for uid in users for r in by_user[uid]]
         noted = {uid: self._note(uid) for uid in users}  # before the read the new state is built on
         current, stored_ts = self._read_state(users)
-        cat_index = self._item_category_index(list({r["item_id"] for r in recs}))
+        cat_index = self._item_category_index(list({r["item_id"] for uid in users for r in by_user[uid]}))
         n_cat = len(self.category_vocab)
         writes: dict[str, list[tuple[str, dict[str, Any], datetime]]] = {v: [] for v in S.USER_VIEWS}
         for uid, state in zip(users, current):

@@ -82,9 +82,7 @@ def test_huge_pages_change_nothing_in_the_answers() -> None:
     before = index.search(q, 10)[1]
     advised = back_with_huge_pages(index)
     mode = _thp_mode()
-    if mode in ("madvise", "always"):
+    if mode in ("madvise", "always"):  # elsewhere the advice may or may not be taken: only the answers count
         assert advised >= 2 << 21  # at least two of the vectors' four huge pages
-    elif mode is None or mode == "never":
-        assert advised >= 0
     np.testing.assert_array_equal(index.search(q, 10)[1], before)
     assert back_with_huge_pages(faiss.IndexFlatIP(64)) == 0  # not an HNSW index

@@ -256,7 +256,7 @@ def test_an_event_on_one_worker_reaches_the_other_workers_cache_at_once(world) -
         return [(b["request_id"][:16], [it["item_id"] for it in b["items"]]) for b in bodies]
 
     def until_both_workers_answered() -> list[tuple[str, list[str]]]:
-        # a worker still loading its models is not listening yet: the other one takes everything
+        # the kernel hashes each fresh connection to a worker: a round of 8 may all land on one
         seen: list[tuple[str, list[str]]] = []
         for _ in range(60):
             seen += answers(8)
