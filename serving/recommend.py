@@ -22,10 +22,11 @@ Python is what the pipeline cannot amortise.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,83 +45,132 @@ class ModelJob:
     history: list[str] | None
     future: asyncio.Future
     engine_versions: dict[str, str] = field(default_factory=dict)
-    queued_at: float = 0.0  # loop time of enqueue
+    queued_at: float = 0.0  # time.monotonic() at enqueue
 
 
 class MicroBatcher:
-    """Collects concurrent jobs and runs ``fn(jobs)`` on one worker thread (see module docstring)."""
+    """Collects concurrent jobs and runs ``fn(jobs)`` on its own thread (see module docstring).
+
+    The batch thread takes its work straight from the queue the event loop fills: after a batch
+    it starts the next one at once if requests queued meanwhile, without a round trip through
+    the event loop (which, on a busy machine, may itself be waiting for a CPU), and it is woken
+    only when it sleeps for want of work. The loop is woken once per batch, to hand the results
+    to their waiters."""
 
     def __init__(self, fn: Callable[[list[ModelJob]], list[Any]], *, max_batch: int = 64, wait_ms: float = 0.0,
                  on_batch: Callable[[int], None] | None = None, name: str = "model", nice: int = 0):
         """``nice > 0``: the batch thread runs as background CPU work (``core.threads.
-        yield_cpu_to_other_threads``; ``serving.model_thread_nice`` says why)."""
+        yield_cpu_to_other_threads``; ``serving.model_thread_nice`` says why). ``on_batch(n)`` runs
+        on the event loop when a batch of ``n`` jobs has finished."""
         self.fn = fn
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1000.0
         self.on_batch = on_batch
-        self._pending: list[ModelJob] = []
-        self._draining = False
-        self._filled: asyncio.Event | None = None  # set while lingering: the queue reached max_batch
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_setup_thread,
-                                                               initargs=(name, nice))
+        self._queue: collections.deque[ModelJob] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._sleeping: str | None = None  # "idle" (no work) / "linger" (waiting for company) / None (busy)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, args=(name, nice), name=name, daemon=True)
+        self._thread.start()
 
     def enqueue(self, user_id: str, k: int, history: list[str] | None) -> asyncio.Future:
         """Queue a job; returns its future. Cancel the future when its caller gives up (deadline):
         a batch skips cancelled jobs, so an overloaded worker does not keep computing answers
         nobody waits for (which would make every later request miss its deadline too)."""
-        loop = asyncio.get_running_loop()
-        job = ModelJob(user_id, k, history, loop.create_future(), queued_at=loop.time())
-        self._pending.append(job)
-        if self._filled is not None and len(self._pending) >= self.max_batch:
-            self._filled.set()  # a full batch does not wait out the linger
-        if not self._draining:
-            self._draining = True
-            loop.create_task(self._drain())
+        job = ModelJob(user_id, k, history, asyncio.get_running_loop().create_future(), queued_at=time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the micro-batcher is closed")
+            self._queue.append(job)
+            # wake the thread only if it sleeps for want of work, or lingers and the batch is now full
+            if self._sleeping == "idle" or (self._sleeping == "linger" and len(self._queue) >= self.max_batch):
+                self._sleeping = None
+                self._cond.notify()
         return job.future
 
     async def submit(self, user_id: str, k: int, history: list[str] | None) -> Any:
         return await self.enqueue(user_id, k, history)
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                while self._pending and self._pending[0].future.done():
-                    self._pending.pop(0)  # a request that gave up does not set the linger's clock
-                if not self._pending:
-                    break
-                if self.wait_s and len(self._pending) < self.max_batch:
-                    delay = self._pending[0].queued_at + self.wait_s - loop.time()
+    def _next_batch(self) -> list[ModelJob] | None:
+        """Blocks until a batch is due (None: closed). Jobs whose caller gave up are dropped here, so
+        they neither start a linger's clock nor take a place in a batch."""
+        q = self._queue
+        with self._cond:
+            while True:
+                while q and q[0].future.done():
+                    q.popleft()
+                if self._closed:
+                    return None
+                if not q:
+                    self._sleeping = "idle"
+                    self._cond.wait()
+                    continue
+                if self.wait_s and len(q) < self.max_batch:
+                    delay = q[0].queued_at + self.wait_s - time.monotonic()
                     if delay > 0:  # the oldest request has not waited its linger yet
-                        self._filled = asyncio.Event()
-                        try:
-                            await asyncio.wait_for(self._filled.wait(), delay)
-                        except asyncio.TimeoutError:
-                            pass
-                        finally:
-                            self._filled = None
+                        self._sleeping = "linger"
+                        self._cond.wait(delay)
                         continue  # look again: the oldest may have given up meanwhile, or the batch filled
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                batch = [j for j in batch if not j.future.done()]  # timed-out requests are not computed
-                if not batch:
-                    continue
-                if self.on_batch:
-                    self.on_batch(len(batch))
+                self._sleeping = None
+                batch: list[ModelJob] = []
+                while q and len(batch) < self.max_batch:
+                    job = q.popleft()
+                    if not job.future.done():
+                        batch.append(job)
+                if batch:
+                    return batch
+
+    def _run(self, name: str, nice: int) -> None:
+        _setup_thread(name, nice)
+        while (batch := self._next_batch()) is not None:
+            try:
+                results, error = self.fn(batch), None
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                results, error = [None] * len(batch), exc
+            groups: dict[asyncio.AbstractEventLoop, list[tuple[ModelJob, Any]]] = {}
+            for j, r in zip(batch, results):  # one loop in a server; callers on several loops each get theirs
+                groups.setdefault(j.future.get_loop(), []).append((j, r))
+            for first, (loop, answers) in enumerate(groups.items()):
                 try:
-                    results = await loop.run_in_executor(self._executor, self.fn, batch)
-                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
-                    for j in batch:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
-                    continue
-                for j, r in zip(batch, results):
-                    if not j.future.done():
-                        j.future.set_result(r)
-        finally:
-            self._draining = False
+                    loop.call_soon_threadsafe(self._deliver, answers, error, len(batch) if first == 0 else 0)
+                except RuntimeError:  # that loop has closed: nobody waits for these answers
+                    pass
+
+    def _deliver(self, answers: list[tuple[ModelJob, Any]], error: Exception | None, batch_size: int) -> None:
+        """On the event loop: hand each waiter its result (or the batch's error)."""
+        if self.on_batch and batch_size:
+            self.on_batch(batch_size)
+        for j, r in answers:
+            if j.future.done():  # its caller gave up meanwhile
+                continue
+            if error is not None:
+                j.future.set_exception(error)
+            else:
+                j.future.set_result(r)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the thread after its current batch; queued jobs are cancelled."""
+        with self._cond:
+            self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify()
+        for j in left:
+            loop = j.future.get_loop()
+            try:
+                if loop is _running_loop():
+                    j.future.cancel()
+                else:
+                    loop.call_soon_threadsafe(j.future.cancel)
+            except RuntimeError:  # its loop has closed
+                pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _setup_thread(name: str, nice: int) -> None:
@@ -242,3 +292,4 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         "context": context,
         "timings_ms": {k2: round(v * 1000.0, 3) for k2, v in timings.items()},
     }
+

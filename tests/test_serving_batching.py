@@ -108,6 +108,64 @@ def test_linger_ends_when_the_batch_fills_and_ignores_requests_that_gave_up() ->
     assert calls[1][1] - t1 >= 0.3 + 0.35  # d waited its own linger, not c's remaining 100 ms
 
 
+def test_the_next_batch_starts_without_waiting_for_the_event_loop() -> None:
+    """The batch thread takes queued jobs itself: with the event loop busy (here: blocked) when a
+    batch ends, the jobs that queued behind it start at once, not when the loop next runs."""
+    import time
+
+    from serving.recommend import MicroBatcher
+
+    started: dict[str, float] = {}
+    gate = threading.Event()
+
+    def fn(jobs):
+        started[jobs[0].user_id] = time.monotonic()
+        if jobs[0].user_id == "a":
+            gate.wait(5)
+        return [j.user_id for j in jobs]
+
+    async def scenario():
+        b = MicroBatcher(fn, max_batch=8)
+        first = b.enqueue("a", 1, None)
+        await asyncio.sleep(0.05)  # batch [a] is running
+        second = b.enqueue("b", 1, None)
+        threading.Timer(0.05, gate.set).start()
+        blocked_at = time.monotonic()
+        time.sleep(0.6)  # the loop is busy elsewhere while [a] ends
+        out = [await first, await second]
+        b.close()
+        return out, blocked_at
+
+    out, blocked_at = asyncio.run(scenario())
+    assert out == ["a", "b"]
+    assert started["b"] - blocked_at < 0.4  # [b] started while the loop was still blocked
+
+
+def test_close_cancels_queued_jobs_and_refuses_new_ones() -> None:
+    import pytest
+
+    from serving.recommend import MicroBatcher
+
+    gate = threading.Event()
+
+    def fn(jobs):
+        gate.wait(5)
+        return [j.user_id for j in jobs]
+
+    async def scenario():
+        b = MicroBatcher(fn, max_batch=1)
+        running = b.enqueue("a", 1, None)
+        await asyncio.sleep(0.05)
+        queued = b.enqueue("b", 1, None)
+        b.close()
+        gate.set()
+        with pytest.raises(RuntimeError, match="closed"):
+            b.enqueue("c", 1, None)
+        return await running, queued.cancelled()
+
+    assert asyncio.run(scenario()) == ("a", True)  # the running batch still answers
+
+
 def test_a_failing_batch_fails_each_waiter_not_the_worker() -> None:
     from serving.recommend import MicroBatcher
 
