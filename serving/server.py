@@ -181,6 +181,22 @@ def _close_all(sockets: list[socket.socket]) -> None:
         sockets.pop().close()
 
 
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` still running (not exited, not a zombie)? Signal 0 checks existence; on
+    Linux a zombie (exited, not yet reaped by its parent) still exists, so /proc says which."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here: signal 0 said it exists
+
+
 class ServerProcess:
     """The real server in a child process on a loopback port (``with ServerProcess(...) as srv``)."""
 
@@ -226,6 +242,7 @@ class ServerProcess:
                 r = httpx.get(self.url + "/healthz", timeout=1.0)
                 if r.status_code == 200:
                     answered.add(r.json()["detail"]["worker"])
+                    answered = {pid for pid in answered if process_alive(pid)}  # a worker replaced meanwhile counts once
                     if len(answered) >= self.workers:
                         return
                     time.sleep(0.02)  # soon: the next connection may go to another worker
