@@ -566,15 +566,6 @@ def main() -> None:
         sys.exit("wrk is not installed (apt-get install -y wrk)")
     previous = json.loads((RESULTS / "serving.json").read_text()) if (RESULTS / "serving.json").is_file() else {}
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    http_keys = ("setup", "runs", "noop_rps", "recommend_rps", "recommend_to_noop", "recommend_p99_ms_at_half_load",
-                 "recommend_model_served_share", "open_loop_model_served_share", "feature_cache_hit_share_at_half_load",
-                 "feature_cache_ttl_s", "feature_change_stamps",
-                 "recommend_p50_ms_at_half_load", "recommend_p95_ms_at_half_load", "ingest_events_per_s",
-                 "ingest_single_event_requests_per_s", "spread", "served_path", "budgets_ms", "stage_metrics_sample", "http_measured",
-                 "model_batch_size_mean", "model_batch_size_mean_whole_run", "server_cpu_ms_per_request",
-                 "open_loop_server_cpu_ms_per_request",
-                 "open_loop_client_cpu_ms_per_request", "open_loop_server_threads_sched", "open_loop_where_time_went",
-                 "closed_loop_curve", "open_loop_curve", "open_loop_p99_le_10ms_up_to_rps")
     cat_keys = ("catalog_scaling", "catalog_scaling_plain_hnsw", "catalog_p99_growth", "catalog_cpu_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -583,8 +574,8 @@ def main() -> None:
             res["http_measured"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_end": load_avg()}
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    else:
-        res.update({k: previous[k] for k in http_keys if k in previous})
+    else:  # keep the previous HTTP part whole: everything that is not the catalog part's (or recomputed below)
+        res.update({k: v for k, v in previous.items() if k not in cat_keys and k not in res and k != "targets"})
     if "catalog" in parts:
         la = load_avg()
         sizes = [4_000, 100_000] if args.quick else [4_000, 100_000, 1_000_000]
