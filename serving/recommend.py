@@ -292,4 +292,3 @@ async def recommend(state: "ServingState", user_id: str, *, k: int, context: str
         "context": context,
         "timings_ms": {k2: round(v * 1000.0, 3) for k2, v in timings.items()},
     }
-
