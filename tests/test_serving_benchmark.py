@@ -108,9 +108,13 @@ def test_catalog_scaling_measures_the_serving_layout_beside_plain_faiss():
     pytest.importorskip("faiss")
     from benchmarks.serving import LAYOUTS, catalog_scaling
 
-    out = catalog_scaling([1500], queries=20, target_recall=0.9)
+    out = catalog_scaling([1500], queries=20, target_recall=0.9, passes=3)
     assert set(out) == set(LAYOUTS)
     for name, rows in out.items():
         (row,) = rows
         assert row["items"] == 1500 and row["ann_recall@100"] >= 0.9 and row["cpu_p99_ms"] >= row["cpu_p50_ms"] > 0
+        assert len(row["p99_ms_per_pass"]) == 3 and sorted(row["p99_ms_per_pass"])[1] == row["p99_ms"]  # the median pass
         assert row["layout"] == ("plain" if name == "plain" else "locality order, huge pages")
+    from benchmarks.serving import _passes_md
+
+    assert _passes_md([0.2, 0.31, 0.25]) == " [0.2, 0.31, 0.25]" and _passes_md([0.2]) == _passes_md(None) == ""
