@@ -148,13 +148,16 @@ class MicroBatcher:
             else:
                 j.future.set_result(r)
 
-    def close(self) -> None:
-        """Stop the thread after its current batch; queued jobs are cancelled."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after its current batch (waited for up to ``timeout_s``, so a shutting-down
+        process does not tear the models down under a running batch); queued jobs are cancelled."""
         with self._cond:
             self._closed = True
             left = list(self._queue)
             self._queue.clear()
             self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
         for j in left:
             loop = j.future.get_loop()
             try:

@@ -157,8 +157,9 @@ def test_close_cancels_queued_jobs_and_refuses_new_ones() -> None:
         running = b.enqueue("a", 1, None)
         await asyncio.sleep(0.05)
         queued = b.enqueue("b", 1, None)
-        b.close()
-        gate.set()
+        threading.Timer(0.1, gate.set).start()
+        b.close()  # returns once the running batch has ended
+        assert not b._thread.is_alive()  # noqa: SLF001
         with pytest.raises(RuntimeError, match="closed"):
             b.enqueue("c", 1, None)
         return await running, queued.cancelled()
