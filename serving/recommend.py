@@ -88,9 +88,6 @@ class MicroBatcher:
                 self._cond.notify()
         return job.future
 
-    async def submit(self, user_id: str, k: int, history: list[str] | None) -> Any:
-        return await self.enqueue(user_id, k, history)
-
     def _next_batch(self) -> list[ModelJob] | None:
         """Blocks until a batch is due (None: closed). Jobs whose caller gave up are dropped here, so
         they neither start a linger's clock nor take a place in a batch."""

@@ -181,6 +181,16 @@ def _close_all(sockets: list[socket.socket]) -> None:
         sockets.pop().close()
 
 
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat``'s fields after the command name (state, ppid, ...), None if unreadable
+    (no such process, or no /proc). The name is cut at the last ``)``: it may hold spaces."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_alive(pid: int) -> bool:
     """Is process ``pid`` still running (not exited, not a zombie)? Signal 0 checks existence; on
     Linux a zombie (exited, not yet reaped by its parent) still exists, so /proc says which."""
@@ -190,11 +200,8 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc here: signal 0 said it exists
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] != "Z"  # no /proc here: signal 0 said it exists
 
 
 class ServerProcess:
@@ -289,13 +296,9 @@ class ServerProcess:
             return []
         kids: list[int] = []
         for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                            kids.append(int(entry))
-                except (OSError, ValueError, IndexError):
-                    continue
+            fields = _proc_stat(entry) if entry.isdigit() else None
+            if fields is not None and len(fields) > 1 and fields[1] == str(self.proc.pid):
+                kids.append(int(entry))
         return kids
 
     def __enter__(self) -> "ServerProcess":
