@@ -118,3 +118,32 @@ def test_catalog_scaling_measures_the_serving_layout_beside_plain_faiss():
     from benchmarks.serving import _passes_md
 
     assert _passes_md([0.2, 0.31, 0.25]) == " [0.2, 0.31, 0.25]" and _passes_md([0.2]) == _passes_md(None) == ""
+
+
+def test_naive_reference_ranks_the_flat_search_candidates_with_its_mlp():
+    """The issue's yardstick does the work it stands for: the items returned are the FAISS flat
+    top-``candidates`` by inner product, ordered by the MLP's scores, the same for the same user."""
+    import zlib
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from benchmarks.naive_reference import create_app
+
+    n_items, n_users, dim, cands = 60, 10, 8, 7
+    with TestClient(create_app(n_items=n_items, n_users=n_users, dim=dim, candidates=cands, seed=3)) as client:
+        assert client.get("/noop").status_code == 200
+        first = client.get("/v1/recommendations/alice", params={"k": 5}).json()
+        assert client.get("/v1/recommendations/alice", params={"k": 5}).json() == first
+        everything = client.get("/v1/recommendations/alice", params={"k": 50}).json()  # k above the candidates: all of them
+    rng = np.random.default_rng(3)  # the app's vectors, drawn the same way
+    items = rng.standard_normal((n_items, dim)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    users = rng.standard_normal((n_users, dim)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    top = set(np.argsort(-(items @ users[zlib.crc32(b"alice") % n_users]))[:cands].tolist())
+    assert {int(x["item_id"]) for x in everything["items"]} == top
+    scores = [x["score"] for x in everything["items"]]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+    assert [x["item_id"] for x in first["items"]] == [x["item_id"] for x in everything["items"]][:5]
+    assert [x["position"] for x in first["items"]] == list(range(5))
