@@ -17,9 +17,11 @@ what the index answers:
   TLB entry covers 2 MB instead of 4 KB. Linux only, best effort: where the kernel's THP mode is
   ``never``, or elsewhere, nothing changes.
 
-Measured (``benchmarks/serving.py`` catalog part, the two layouts alternating query by query;
-docs/serving.md): at 1M items a query's p50 fell 13% and 21%, its p99 9% and 18%, in two runs;
-at 4K nothing moved.
+Measured (``benchmarks/serving.py`` catalog part, against plain FAISS alternating query by query;
+docs/serving.md has each machine's runs): at 1M items the p50 fell 13-21% on every machine; the
+p99 fell 9% and 18% on the AVX2 machine of the 2026-11-25 late morning, came out above plain FAISS's in two runs on
+the Zen 4 machine of that afternoon and below it with three timing passes (growth 4K -> 1M 1.27x
+against 1.47x). At 4K nothing moved.
 """
 from __future__ import annotations
 
