@@ -25,6 +25,8 @@ bounds: indices are validated by the callers (or here, where a bad one is cheap 
 """
 from __future__ import annotations
 
+import threading
+
 import numba as nb
 import numpy as np
 
@@ -34,6 +36,46 @@ _JIT = {"cache": True, "nogil": True}
 #: tree reduction instead of 16 dependent scalar adds (~5x here). The sums then differ from torch's in the last bits (the tests allow 1e-5); no
 #: ``nnan`` / ``ninf``: NaN and infinity still propagate as IEEE says.
 _JIT_DOTS = {**_JIT, "fastmath": {"reassoc", "contract"}}
+
+
+class KernelScratch(threading.local):
+    """The calling thread's catalog-sized work tables for the kernels, kept from one call to the next.
+
+    Why: several request-path kernels need a table as long as the catalog (a sparse set, score
+    accumulators, stamps), though a call touches only the few thousand items of its batch.
+    Allocated per call, each costs its pages' faults and, zeroed, a pass over the whole table: at
+    1M items an item-item source took ~10 ms per call against ~0.05 at 3,700 items, and a ranked
+    list's filter 0.09 against 0.004 (2026-11-25; docs/serving.md). Kept per thread (the model
+    thread keeps its own; so does any other caller), each is allocated once per catalog size.
+
+    Stamp tables are never cleared between calls: a call takes fresh tags (:meth:`tags`), larger
+    than every tag this thread handed out before, so a stale stamp never matches. Any stamp table
+    can serve any kernel, as long as one call does not use one table for two purposes."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, np.ndarray] = {}
+        self._next_tag = 1
+
+    def table(self, name: str, size: int, dtype: type = np.int64) -> np.ndarray:
+        """This thread's ``name`` table as a view of exactly ``max(size, 1)`` entries, grown (to
+        zeros) when the catalog outgrows it. Its content is whatever the last call left: a kernel
+        either writes an entry before it reads it or compares it with a fresh tag (zeros are below
+        every tag)."""
+        size = size or 1
+        table = self._tables.get(name)
+        if table is None or len(table) < size or table.dtype.type is not dtype:
+            table = self._tables[name] = np.zeros(size, dtype)
+        return table if len(table) == size else table[:size]
+
+    def tags(self, count: int) -> int:
+        """The first of ``count`` consecutive stamp values never handed out on this thread."""
+        first = self._next_tag
+        self._next_tag = first + (count or 1)
+        return first
+
+
+#: one per thread (``threading.local``): what the request path's callers pass to the kernels below
+SCRATCH = KernelScratch()
 
 
 @nb.njit(**_JIT)
@@ -60,7 +102,7 @@ def _desc_keys(values: np.ndarray, items: np.ndarray, count: int, ibits: int, ou
 
 @nb.njit(**_JIT)
 def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, col_rf: np.ndarray,
-                    n_sources: int, n_items: int, ibits: int):
+                    n_sources: int, n_items: int, ibits: int, sparse: np.ndarray):
     """The first half of the candidate merge of :meth:`models.two_stage.TwoStagePipeline.retrieve`.
 
     ``items`` / ``scores`` ``(B, W)``: every source's ranked block side by side (``-1`` = none);
@@ -73,7 +115,8 @@ def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, 
     (:func:`candidate_emit` then reads the winners).
 
     De-duplication is a sparse set over the catalog (valid when ``dense[sparse[i]] == i``), so its
-    table needs no initialisation: the cost is per entry, not per catalog item."""
+    table ``sparse`` (``n_items`` long, :class:`KernelScratch`) needs no initialisation: the cost is
+    per entry, not per catalog item."""
     b, w = items.shape
     n_f = 2 * n_sources + 1
     keys = np.full((b, w), NO_KEY, np.int64)
@@ -81,7 +124,6 @@ def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, 
     feats = np.empty((b * w, n_f), np.float32)
     masks = np.empty(b * w, np.int64)
     counts = np.zeros(b, np.int64)
-    sparse = np.empty(max(n_items, 1), np.int64)
     best = np.empty(w, np.float32)
     for r in range(b):
         base = r * w
@@ -123,10 +165,10 @@ def candidate_union(items: np.ndarray, scores: np.ndarray, col_src: np.ndarray, 
 
 @nb.njit(**_JIT)
 def candidate_emit(ranked: np.ndarray, counts: np.ndarray, slot_items: np.ndarray, feats: np.ndarray,
-                   masks: np.ndarray, n_items: int, ibits: int):
+                   masks: np.ndarray, ibits: int, slot_of: np.ndarray):
     """The second half of the merge: each request's ranked keys (``(B, n)``, ascending, from
     :func:`candidate_union` through numpy's sort) back to ``(request, item, features, mask)`` rows,
-    grouped by request in batch order."""
+    grouped by request in batch order. ``slot_of``: a catalog-long table, written before read."""
     b, n = ranked.shape
     w = slot_items.shape[1]
     m = 0
@@ -137,7 +179,6 @@ def candidate_emit(ranked: np.ndarray, counts: np.ndarray, slot_items: np.ndarra
     n_f = feats.shape[1]
     out_feat = np.empty((m, n_f), np.float32)
     out_mask = np.empty(m, np.int64)
-    slot_of = np.empty(max(n_items, 1), np.int64)
     low = (np.int64(1) << ibits) - 1
     m = 0
     for r in range(b):
@@ -197,26 +238,26 @@ def dense_keys(scores: np.ndarray, ibits: int, ex_indptr: np.ndarray, ex_indices
 
 @nb.njit(**_JIT)
 def item_item_keys(h_indptr: np.ndarray, h_indices: np.ndarray, h_data: np.ndarray, w_indptr: np.ndarray,
-                   w_indices: np.ndarray, w_data: np.ndarray, n_items: int, ibits: int, ex_indptr: np.ndarray,
-                   ex_indices: np.ndarray, ex_data: np.ndarray) -> np.ndarray:
+                   w_indices: np.ndarray, w_data: np.ndarray, ibits: int, ex_indptr: np.ndarray,
+                   ex_indices: np.ndarray, ex_data: np.ndarray, acc: np.ndarray, touched: np.ndarray,
+                   touched_at: np.ndarray, excluded_at: np.ndarray, tag0: int) -> np.ndarray:
     """Rank keys of ``history @ W`` per history row for a sparse item-to-item ``W``: each row's sum
     over its history entries of ``value * W[entry's item]`` (in float64, in entry order, as a
     ``bincount`` would; ranked as float32); items with a non-positive or non-finite score or stored in
     the row's ``exclude`` row get no key. Only the items a row touches are visited (no dense pass over the
-    catalog per request): the result is ``(B, most keys in a row)``, padded with :data:`NO_KEY`."""
+    catalog per request): the result is ``(B, most keys in a row)``, padded with :data:`NO_KEY`.
+
+    Work tables, each catalog-long (:class:`KernelScratch`): ``acc`` (float64) and ``touched`` are
+    written before read; ``touched_at`` and ``excluded_at`` are stamp tables, row ``r`` stamping
+    with ``tag0 + r`` (``tag0`` fresh: ``KernelScratch.tags(B)``)."""
     b = len(h_indptr) - 1
-    size = max(n_items, 1)
-    acc = np.zeros(size, np.float64)
-    touched_at = np.zeros(size, np.int64)
-    excluded_at = np.zeros(size, np.int64)
-    touched = np.empty(size, np.int64)
     value = np.empty(1, np.float32)
     bits = value.view(np.int32)
     per_row = np.empty(b, np.int64)
     flat = np.empty(0, np.int64)
     used = 0
     for r in range(b):
-        tag = r + 1
+        tag = tag0 + r
         t = 0
         for e in range(h_indptr[r], h_indptr[r + 1]):
             x = np.float64(h_data[e])
@@ -276,21 +317,23 @@ def decode_keys(keys: np.ndarray, ibits: int):
 
 @nb.njit(**_JIT)
 def filter_ranked(items: np.ndarray, scores: np.ndarray, n: int, n_items: int, ex_indptr: np.ndarray,
-                  ex_indices: np.ndarray, ex_data: np.ndarray):
+                  ex_indices: np.ndarray, ex_data: np.ndarray, stamp: np.ndarray, tag0: int):
     """Ranked lists ``(B, L)`` without ``-1`` entries and items stored in each row's ``exclude``
-    row, each compacted to its first ``n`` in order. Returns ``(items (B, n), scores (B, n))``."""
+    row, each compacted to its first ``n`` in order. Returns ``(items (B, n), scores (B, n))``.
+    ``stamp``: a stamp table of ``n_items`` entries, row ``r`` stamping with ``tag0 + r``
+    (:class:`KernelScratch`)."""
     b, width = items.shape
     out_items = np.full((b, n), -1, np.int64)
     out_scores = np.zeros((b, n), np.float32)
-    stamp = np.zeros(max(n_items, 1), np.int64)
     for r in range(b):
-        _mark_row(stamp, r + 1, ex_indptr, ex_indices, ex_data, r)
+        tag = tag0 + r
+        _mark_row(stamp, tag, ex_indptr, ex_indices, ex_data, r)
         j = 0
         for c in range(width):
             if j >= n:
                 break
             it = items[r, c]
-            if it >= 0 and (it >= n_items or stamp[it] != r + 1):
+            if it >= 0 and (it >= n_items or stamp[it] != tag):
                 out_items[r, j] = it
                 out_scores[r, j] = scores[r, c]
                 j += 1

@@ -42,7 +42,7 @@ import scipy.sparse as sp
 
 from core.schemas import DataError
 from models.base import IdMap, InteractionData
-from models.kernels import (NO_KEY, candidate_emit, candidate_union, decode_keys, dense_keys, filter_ranked,
+from models.kernels import (NO_KEY, SCRATCH, candidate_emit, candidate_union, decode_keys, dense_keys, filter_ranked,
                             item_item_keys, merged_histories, request_score_keys, top_k_diverse)
 
 
@@ -158,7 +158,8 @@ def _filter_ranked(items: np.ndarray, scores: np.ndarray, exclude: sp.csr_matrix
     """Drop excluded items from ranked lists (B, L) and compact each row to its first ``n``, in order."""
     items = np.ascontiguousarray(items, dtype=np.int64)
     width = exclude.shape[1] if exclude is not None else int(items.max(initial=-1)) + 1
-    return filter_ranked(items, np.ascontiguousarray(scores, dtype=np.float32), int(n), int(width), *_exclusion(exclude))
+    return filter_ranked(items, np.ascontiguousarray(scores, dtype=np.float32), int(n), int(width), *_exclusion(exclude),
+                         SCRATCH.table("stamp_a", width), SCRATCH.tags(len(items)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +268,12 @@ class ItemItemSource:
         h, w = history, self.sim
         if h.shape[1] != w.shape[0]:
             raise TwoStageError(f"{self.name} source: history rows have {h.shape[1]} items, the weights {w.shape[0]}")
-        ibits = _key_bits(w.shape[1])
-        keys = item_item_keys(*_csr_arrays(h), *self._weights(), w.shape[1], ibits, *_exclusion(exclude))
-        return _top_from_keys(keys, n, ibits, w.shape[1])
+        n_items = w.shape[1]
+        ibits = _key_bits(n_items)
+        keys = item_item_keys(*_csr_arrays(h), *self._weights(), ibits, *_exclusion(exclude),
+                              SCRATCH.table("acc", n_items, np.float64), SCRATCH.table("touched", n_items),
+                              SCRATCH.table("stamp_a", n_items), SCRATCH.table("stamp_b", n_items), SCRATCH.tags(h.shape[0]))
+        return _top_from_keys(keys, n, ibits, n_items)
 
 
 class CoVisitationSource(ItemItemSource):
@@ -658,10 +662,11 @@ class TwoStagePipeline:
         sc = np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0]
         ibits = _key_bits(n_items)
         col_src, col_rf = self._columns_of(tuple(layout))
+        slots = SCRATCH.table("slots", n_items)  # the merge's sparse set, then its item -> slot table
         keys, counts, slot_items, feats, masks = candidate_union(np.ascontiguousarray(items), np.ascontiguousarray(sc),
-                                                                 col_src, col_rf, n_s, n_items, ibits)
+                                                                 col_src, col_rf, n_s, n_items, ibits, slots)
         request, item, feats, mask = candidate_emit(_smallest_keys(keys, self.n_candidates), counts, slot_items, feats,
-                                                    masks, n_items, ibits)
+                                                    masks, ibits, slots)
         return Candidates(request, item, feats, mask, self.feature_names)
 
     def _columns_of(self, layout: tuple[tuple[int, int, int], ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -81,3 +81,71 @@ def test_kernel_inputs_out_of_range_are_refused_not_read():
         ItemItemSource.from_parts({"type": "item_item"}, arrays, 2)
     with pytest.raises(TwoStageError, match="rank key"):
         _key_bits(2**31)
+
+
+def test_kernel_scratch_tables_are_per_thread_kept_grown_and_tags_never_repeat():
+    """The request path's catalog-sized work tables (``models.kernels.KernelScratch``) are allocated
+    once per thread and catalog size, not per call, and every call stamps with fresh tags."""
+    import threading
+
+    from models.kernels import KernelScratch
+
+    scratch = KernelScratch()
+    a = scratch.table("stamp", 100)
+    assert a.shape == (100,) and a.dtype == np.int64 and not a.any()  # zeros: below every tag
+    a[:] = 7
+    assert np.shares_memory(scratch.table("stamp", 50), a)  # the same memory, not a new table
+    assert (scratch.table("stamp", 100) == 7).all()  # kept between calls
+    grown = scratch.table("stamp", 300)
+    assert grown.shape == (300,) and not grown.any()
+    assert scratch.table("acc", 10, np.float64).dtype == np.float64 and scratch.table("empty", 0).shape == (1,)
+    first = scratch.tags(4)
+    assert scratch.tags(1) == first + 4 and scratch.tags(0) == first + 5 and scratch.tags(3) == first + 6
+    other: dict = {}
+    t = threading.Thread(target=lambda: other.update(table=scratch.table("stamp", 300), tag=scratch.tags(1)))
+    t.start()
+    t.join()
+    assert other["table"] is not grown and not np.shares_memory(other["table"], grown) and other["tag"] == 1
+
+
+def test_item_item_and_filter_results_do_not_depend_on_what_earlier_calls_left_in_the_scratch():
+    """Calls on catalogs of different sizes and exclusions, one after another on one thread (and the
+    tables filled with stale stamps and garbage first), each equal to its plain reference."""
+    import threading
+
+    from models.kernels import SCRATCH
+    from models.two_stage import CoVisitationSource, _filter_ranked
+
+    def check(n_items: int, seed: int) -> None:
+        w = sp.random(n_items, n_items, density=0.1, random_state=seed, format="csr", dtype=np.float32)
+        h = sp.random(5, n_items, density=0.05, random_state=seed + 1, format="csr", dtype=np.float32)
+        src = CoVisitationSource()
+        src.sim = w
+        items, scores = src.retrieve(np.arange(5), h, 10, exclude=h)
+        dense = (h.astype(np.float64) @ w.astype(np.float64)).toarray().astype(np.float32)
+        ranked = np.stack([np.random.default_rng(seed + r).permutation(n_items)[:30] for r in range(5)]).astype(np.int64)
+        kept, _ = _filter_ranked(ranked, np.ones((5, 30), np.float32), h, 30)
+        for r in range(5):
+            banned = set(h[r].indices.tolist())
+            want = _reference_top(np.where(dense[r] > 0, dense[r], -np.inf), 10, banned)
+            assert items[r, :len(want)].tolist() == [i for i, _ in want] and (items[r, len(want):] == -1).all()
+            want_kept = [i for i in ranked[r] if i not in banned]
+            assert kept[r, :len(want_kept)].tolist() == want_kept and (kept[r, len(want_kept):] == -1).all()
+
+    stale = SCRATCH.tags(1)  # below every tag handed out from now on
+    for name, dtype in (("stamp_a", np.int64), ("stamp_b", np.int64), ("touched", np.int64), ("acc", np.float64), ("slots", np.int64)):
+        SCRATCH.table(name, 200, dtype)[:] = stale if name.startswith("stamp") else 12345
+    for n_items, seed in ((60, 1), (200, 2), (60, 3), (150, 4)):
+        check(n_items, seed)
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:  # another thread: its own tables, from zeros
+        try:
+            check(120, 5)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert not errors, errors
