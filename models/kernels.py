@@ -571,16 +571,16 @@ def history_rows_csr(cols: np.ndarray, lengths: np.ndarray):
 # ---- the two-tower as a candidate source (models.two_stage.EmbeddingSource.from_retrieval) ------
 @nb.njit(**_JIT)
 def merged_histories(model_users: np.ndarray, h_indptr: np.ndarray, h_indices: np.ndarray, local_to_model: np.ndarray,
-                     hist_indptr: np.ndarray, hist_items: np.ndarray, n_model_items: int, cap: int):
+                     hist_indptr: np.ndarray, hist_items: np.ndarray, cap: int, stamp: np.ndarray, tag0: int):
     """Each request's history for the user tower, in the retrieval model's item space: the user's
     stored (training-time) history, then the request's consumed items (its history row, pipeline
     item indices) the model knows and the stored history lacks; the last ``cap`` of them
     (``cap <= 0``: none). Returns ``(lengths, values, has_signal)``: a request has signal when
-    the model knows its user or the merged history is not empty."""
+    the model knows its user or the merged history is not empty. ``stamp``: a stamp table over the
+    model's items, request ``r`` stamping with ``tag0 + r`` (:class:`KernelScratch`)."""
     b = len(model_users)
     lengths = np.zeros(b, np.int64)
     signal = np.zeros(b, np.bool_)
-    stamp = np.zeros(max(n_model_items, 1), np.int64)
     total = 0
     for r in range(b):
         m = model_users[r]
@@ -594,11 +594,11 @@ def merged_histories(model_users: np.ndarray, h_indptr: np.ndarray, h_indices: n
         if m >= 0:
             for e in range(hist_indptr[m], hist_indptr[m + 1]):
                 values[used + count] = hist_items[e]
-                stamp[hist_items[e]] = r + 1
+                stamp[hist_items[e]] = tag0 + r
                 count += 1
         for e in range(h_indptr[r], h_indptr[r + 1]):
             mi = local_to_model[h_indices[e]]
-            if mi >= 0 and stamp[mi] != r + 1:
+            if mi >= 0 and stamp[mi] != tag0 + r:
                 values[used + count] = mi
                 count += 1
         signal[r] = count > 0 or m >= 0

@@ -438,7 +438,8 @@ class EmbeddingSource:
             mu = np.where(u >= 0, user_to_model[np.maximum(u, 0)], -1)
             h_indptr, h_indices, _ = _csr_arrays(history)
             lengths, values, signal = merged_histories(mu, h_indptr, h_indices, local_to_model, hist_indptr, hist_items,
-                                                       len(retrieval.items), int(retrieval.config.inference_history))
+                                                       int(retrieval.config.inference_history),
+                                                       SCRATCH.table("stamp_a", len(retrieval.items)), SCRATCH.tags(len(mu)))
             return retrieval.user_vectors(mu, hist=(lengths, values)), signal
 
         return cls(retrieval.item_vectors, queries, name=name, index=retrieval.index, item_ids=item_ids, n_items=len(items))

@@ -149,3 +149,30 @@ def test_item_item_and_filter_results_do_not_depend_on_what_earlier_calls_left_i
     worker.start()
     worker.join()
     assert not errors, errors
+
+
+def test_merged_histories_ignore_stale_stamps():
+    """The user tower's per-request history (stored history, then the request's consumed items the
+    model knows and the stored one lacks, the last ``cap``), with the stamp table full of stale tags."""
+    from models.kernels import SCRATCH, merged_histories
+
+    n_model_items, cap = 30, 4
+    hist_indptr = np.array([0, 3, 3, 5], np.int64)  # model users 0..2: stored histories
+    hist_items = np.array([1, 2, 3, 7, 8], np.int64)
+    local_to_model = np.array([-1, 1, 2, 9, 10, 7], np.int64)  # pipeline item -> model item (-1: unknown)
+    h_indptr = np.array([0, 3, 5, 5, 6], np.int64)  # four requests' consumed items (pipeline indices)
+    h_indices = np.array([1, 3, 0, 4, 5, 0], np.int64)
+    model_users = np.array([0, 2, 1, -1], np.int64)
+    stamp = SCRATCH.table("stamp_a", n_model_items)
+    stamp[:] = SCRATCH.tags(1)  # stale: every tag handed out below is larger
+    lengths, values, signal = merged_histories(model_users, h_indptr, h_indices, local_to_model, hist_indptr,
+                                               hist_items, cap, stamp, SCRATCH.tags(len(model_users)))
+    want = []
+    for r, m in enumerate(model_users):
+        stored = hist_items[hist_indptr[m]:hist_indptr[m + 1]].tolist() if m >= 0 else []
+        extra = [int(local_to_model[i]) for i in h_indices[h_indptr[r]:h_indptr[r + 1]]
+                 if local_to_model[i] >= 0 and local_to_model[i] not in stored]
+        want.append((stored + extra)[-cap:])
+    assert lengths.tolist() == [len(w) for w in want] and values.tolist() == [i for w in want for i in w]
+    assert lengths.tolist() == [4, 3, 0, 0]  # the cap, a merge, a known user with nothing, nothing known
+    assert signal.tolist() == [True, True, True, False]  # signal: a known user or a non-empty history
