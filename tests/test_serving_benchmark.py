@@ -115,9 +115,38 @@ def test_catalog_scaling_measures_the_serving_layout_beside_plain_faiss():
         assert row["items"] == 1500 and row["ann_recall@100"] >= 0.9 and row["cpu_p99_ms"] >= row["cpu_p50_ms"] > 0
         assert len(row["p99_ms_per_pass"]) == 3 and sorted(row["p99_ms_per_pass"])[1] == row["p99_ms"]  # the median pass
         assert row["layout"] == ("plain" if name == "plain" else "locality order, huge pages")
+    stage = out["serving"][0]  # the whole candidate stage is timed beside the serving layout's searches
+    assert stage["retrieve_cpu_p99_ms"] >= stage["retrieve_cpu_p50_ms"] > 0 and stage["retrieve_p99_ms"] >= stage["retrieve_p50_ms"]
+    assert "retrieve_p99_ms" not in out["plain"][0]
     from benchmarks.serving import _passes_md
 
     assert _passes_md([0.2, 0.31, 0.25]) == " [0.2, 0.31, 0.25]" and _passes_md([0.2]) == _passes_md(None) == ""
+
+
+def test_candidate_stage_merges_every_source_and_leaves_out_the_consumed_items():
+    """The catalog curve's candidate stage is the request path's: each source contributes within its
+    quota, nothing a request consumed comes back, at most ``n_candidates`` per request."""
+    pytest.importorskip("faiss")
+    import faiss
+    import numpy as np
+
+    from benchmarks.serving import CANDIDATE_QUOTAS, candidate_stage
+
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    index = faiss.IndexFlatIP(16)
+    index.add(items)
+    run, consumed_rows = candidate_stage(items, queries, index, rng=rng, active=200, neighbours=20, history=10,
+                                         n_candidates=400)
+    names = list(CANDIDATE_QUOTAS)
+    for i in range(5):
+        cands = run(i)
+        consumed = set(consumed_rows[i].indices.tolist())
+        assert len(consumed) == 10
+        assert 0 < len(cands) <= 400 and (cands.request == 0).all() and len(set(cands.item.tolist())) == len(cands)
+        assert not consumed & set(cands.item.tolist())
+        assert {names[b] for m in cands.source_mask.tolist() for b in range(3) if m >> b & 1} == set(names)
 
 
 def test_naive_reference_ranks_the_flat_search_candidates_with_its_mlp():
