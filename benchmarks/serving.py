@@ -172,8 +172,6 @@ def candidate_stage(items, queries, index, *, rng, active: int = 20_000, neighbo
     return run, consumed
 
 
-
-
 def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed: int = 0, target_recall: float = 0.95,
                     m: int = 16, ef_construction: int = 64, ef_ladder: tuple[int, ...] = (64, 128, 256, 512, 1024),
                     candidates: int = 500, spread: float = 0.5, intrinsic_dim: int | None = 16,
