@@ -172,6 +172,36 @@ def candidate_stage(items, queries, index, *, rng, active: int = 20_000, neighbo
     return run, consumed
 
 
+def synthetic_ranker(n_items: int, sources: list[str], *, rng, n_users: int = 1000, n_categories: int = 50,
+                     history: int = 50):
+    """A DLRM ranker over ``n_items`` items as serving runs it (``models.dlrm.DLRMScorer``, the default
+    architecture, MLPs in ``auto`` precision) with random weights and synthetic feature tables:
+    its cost, not its quality, is measured. Its extra dense inputs are the candidate features of
+    ``sources`` (the merge's), so it scores :func:`candidate_stage`'s output as the pipeline would.
+    What grows with the catalog is its item tables (embedding rows, pooled categories, dense
+    features), gathered at each request's candidates."""
+    import numpy as np
+
+    from models.base import IdMap
+    from models.dlrm import ITEM_DENSE, USER_DENSE, DLRMConfig, DLRMScorer, RankingFeatures, build_ranker
+    from models.two_stage import source_feature_names
+
+    config = DLRMConfig(n_users=n_users, n_items=n_items, n_categories=n_categories, extra_dense=source_feature_names(sources))
+    cats = rng.integers(1, 3, n_items)
+    feats = RankingFeatures(
+        users=IdMap(tuple(f"u{i}" for i in range(n_users))), items=IdMap(tuple(str(i) for i in range(n_items))),
+        categories=IdMap(tuple(f"c{i}" for i in range(n_categories))),
+        hist_indptr=np.arange(0, n_users * history + 1, history, dtype=np.int64),
+        hist_indices=rng.integers(0, n_items, n_users * history).astype(np.int64),
+        cat_indptr=np.concatenate(([0], np.cumsum(cats))).astype(np.int64),
+        cat_indices=rng.integers(0, n_categories, int(cats.sum())).astype(np.int64),
+        user_dense=rng.standard_normal((n_users + 1, len(USER_DENSE))).astype(np.float32),
+        item_dense=rng.standard_normal((n_items + 1, len(ITEM_DENSE))).astype(np.float32))
+    width = len(config.dense_names)
+    return DLRMScorer(config, feats, build_ranker(config, embeddings="plain").state_dict(),
+                      dense_mean=np.zeros(width, np.float32), dense_std=np.ones(width, np.float32), precision="auto")
+
+
 def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed: int = 0, target_recall: float = 0.95,
                     m: int = 16, ef_construction: int = 64, ef_ladder: tuple[int, ...] = (64, 128, 256, 512, 1024),
                     candidates: int = 500, spread: float = 0.5, intrinsic_dim: int | None = 16,
@@ -189,7 +219,9 @@ def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed:
     (the p99s' range kept): a p99 of 1,000 queries is their 10th slowest, and one burst of the
     host's other work during a pass moved it 2-4x at 1M items (2026-11-25).
     Beside the serving layout's searches, the whole candidate stage (:func:`candidate_stage`) is
-    timed per query the same way (``retrieve_*`` in the serving rows).
+    timed per query the same way (``retrieve_*`` in the serving rows), and so is the model path:
+    the candidate stage, then a DLRM ranker over the catalog (:func:`synthetic_ranker`) scoring
+    every candidate (``model_path_*``).
     Returns the rows per layout."""
     import faiss
     import numpy as np
@@ -226,8 +258,15 @@ def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed:
                 if recalls[name] >= target_recall:
                     break
         stage, _ = candidate_stage(items, q, indexes["serving"], rng=rng, n_candidates=candidates)
+        ranker = synthetic_ranker(n, list(CANDIDATE_QUOTAS), rng=rng)
+
+        def model_path(i: int):
+            cands, user = stage(i), np.array([i % ranker.features.n_users])
+            return ranker.score(user[cands.request], cands.item, cands.features, request_of_row=cands.request,
+                                request_users=user)
+
         timed = {**{name: (lambda i, index=index: index.search(q[i:i + 1], candidates)) for name, index in indexes.items()},
-                 "retrieve": stage}
+                 "retrieve": stage, "model_path": model_path}
         for i in range(20):  # warm caches
             for run in timed.values():
                 run(i)
@@ -256,11 +295,12 @@ def catalog_scaling(sizes: list[int], *, queries: int = 1000, d: int = 64, seed:
                    "p99_ms_per_pass": [round(st[1], 3) for st in stats[name]],
                    "ann_recall@100": round(recalls[name], 4), "exact_ms_per_query": round(exact_ms, 3)}
             if name == "serving":
-                row.update(zip(("retrieve_p50_ms", "retrieve_p99_ms", "retrieve_cpu_p50_ms", "retrieve_cpu_p99_ms"),
-                               (round(x, 3) for x in medians["retrieve"])))
+                for step in ("retrieve", "model_path"):
+                    row.update(zip((f"{step}_p50_ms", f"{step}_p99_ms", f"{step}_cpu_p50_ms", f"{step}_cpu_p99_ms"),
+                                   (round(x, 3) for x in medians[step])))
             out[name].append(row)
             print("catalog", row, flush=True)
-        del indexes, exact, items, stage, timed
+        del indexes, exact, items, stage, ranker, timed
     return out
 
 
@@ -621,7 +661,7 @@ def main() -> None:
     previous = json.loads((RESULTS / "serving.json").read_text()) if (RESULTS / "serving.json").is_file() else {}
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     cat_keys = ("catalog_scaling", "catalog_scaling_plain_hnsw", "catalog_p99_growth", "catalog_cpu_p99_growth",
-                "catalog_retrieve_p99_growth", "catalog_measured")
+                "catalog_retrieve_p99_growth", "catalog_model_path_p99_growth", "catalog_measured")
     if "http" in parts:
         work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
         try:
@@ -639,8 +679,9 @@ def main() -> None:
         base, cbase = res["catalog_scaling"][0]["p99_ms"], res["catalog_scaling"][0]["cpu_p99_ms"]
         res["catalog_p99_growth"] = round(res["catalog_scaling"][-1]["p99_ms"] / base, 2) if base else None
         res["catalog_cpu_p99_growth"] = round(res["catalog_scaling"][-1]["cpu_p99_ms"] / cbase, 2) if cbase else None
-        rbase = res["catalog_scaling"][0]["retrieve_p99_ms"]
-        res["catalog_retrieve_p99_growth"] = round(res["catalog_scaling"][-1]["retrieve_p99_ms"] / rbase, 2) if rbase else None
+        for step in ("retrieve", "model_path"):
+            first, last = res["catalog_scaling"][0][f"{step}_p99_ms"], res["catalog_scaling"][-1][f"{step}_p99_ms"]
+            res[f"catalog_{step}_p99_growth"] = round(last / first, 2) if first else None
         res["catalog_measured"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_start": la,
                                    "load_avg_end": load_avg()}
     else:
@@ -670,6 +711,7 @@ def targets(res: dict) -> dict[str, bool]:
         "catalog_p99_growth_le_2x_with_recall_ge_0.95": growth_ok("catalog_p99_growth"),
         "catalog_cpu_time_p99_growth_le_2x_with_recall_ge_0.95": growth_ok("catalog_cpu_p99_growth"),
         "catalog_candidate_stage_p99_growth_le_2x_with_recall_ge_0.95": growth_ok("catalog_retrieve_p99_growth"),
+        "catalog_model_path_p99_growth_le_2x_with_recall_ge_0.95": growth_ok("catalog_model_path_p99_growth"),
     }
 
 
@@ -783,12 +825,17 @@ def render_md(r: dict) -> str:
                   f"time, {round(plain[-1]['cpu_p99_ms'] / plain[0]['cpu_p99_ms'], 2)}x CPU time."]
     stage_rows = [c for c in r["catalog_scaling"] if "retrieve_p99_ms" in c]
     if stage_rows:
-        lines += ["", "The whole candidate stage per request (`candidate_stage`: the two-tower source through the serving "
-                  f"index, a co-visitation source, popularity, the merge; quotas {CANDIDATE_QUOTAS}), timed beside the searches:", "",
-                  "| items | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms |", "|---|---|---|---|---|"]
-        lines += [f"| {c['items']:,} | {c['retrieve_p50_ms']} | {c['retrieve_p99_ms']} | {c['retrieve_cpu_p50_ms']} | "
-                  f"{c['retrieve_cpu_p99_ms']} |" for c in stage_rows]
-        lines += ["", f"Candidate stage p99 growth smallest -> largest: {r.get('catalog_retrieve_p99_growth')}x wall time."]
+        lines += ["", "Per request, timed beside the searches: the whole candidate stage (`candidate_stage`: the two-tower "
+                  f"source through the serving index, a co-visitation source, popularity, the merge; quotas {CANDIDATE_QUOTAS}) "
+                  "and the model path (that stage, then a DLRM ranker over the catalog, `synthetic_ranker`, scoring every "
+                  "candidate):", "",
+                  "| items | stage p50 ms | stage p99 ms | stage CPU p99 ms | model path p50 ms | model path p99 ms | "
+                  "model path CPU p99 ms |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['items']:,} | {c['retrieve_p50_ms']} | {c['retrieve_p99_ms']} | {c['retrieve_cpu_p99_ms']} | "
+                  f"{c.get('model_path_p50_ms', '')} | {c.get('model_path_p99_ms', '')} | {c.get('model_path_cpu_p99_ms', '')} |"
+                  for c in stage_rows]
+        lines += ["", f"p99 growth smallest -> largest: candidate stage {r.get('catalog_retrieve_p99_growth')}x, model path "
+                  f"{r.get('catalog_model_path_p99_growth')}x (wall time)."]
     lines += ["", f"p99 growth smallest -> largest: {r['catalog_p99_growth']}x wall time, "
               f"{r.get('catalog_cpu_p99_growth')}x CPU time", "", "## Targets", ""]
     lines += [f"- {k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()]
