@@ -41,8 +41,10 @@ N_ITEMS, N_USERS, DIM, CANDIDATES = 3_700, 2_000, 64, 500
 
 def create_app(*, n_items: int = N_ITEMS, n_users: int = N_USERS, dim: int = DIM, candidates: int = CANDIDATES, seed: int = 0):
     """The reference ASGI app: ``GET /v1/recommendations/{user_id}?k=20`` (the path the load tools
-    request) and ``GET /noop`` (its own ceiling). Random unit vectors and MLP weights (seeded): the
+    request), ``GET /noop`` (its own ceiling) and ``GET /healthz`` (naming the worker, as the real
+    server's does, so the run starts once both workers listen). Random unit vectors and MLP weights (seeded): the
     cost, not the quality, is what is measured. A user id maps to a vector by a stable hash."""
+    import os
     import zlib
 
     import faiss
@@ -70,6 +72,10 @@ def create_app(*, n_items: int = N_ITEMS, n_users: int = N_USERS, dim: int = DIM
     async def noop() -> dict:
         return {"ok": True}
 
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "detail": {"worker": os.getpid()}}
+
     @app.get("/v1/recommendations/{user_id}")
     async def recommend(user_id: str, k: int = 20) -> dict:
         u = users[zlib.crc32(user_id.encode()) % n_users][None, :]
@@ -96,27 +102,12 @@ def serve(port: int, *, workers: int = 2) -> None:
                                http="httptools")).run()
 
 
-def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    import urllib.request
-
-    end = time.time() + timeout_s
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the reference server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/noop", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("the reference server did not answer in time")
-
-
 def run(*, repeats: int = 3, duration: int = 10, connections: tuple[int, ...] = (64, 256),
         fractions: tuple[float, ...] = (0.25, 0.5)) -> dict:
     """Start the reference (2 workers), then per repeat: each endpoint's closed-loop maximum over
     ``connections``, and the recommendation path in open loop at ``fractions`` of its maximum."""
     from benchmarks.serving import cpu_speed, load_avg, lua_recommend, open_loop, run_wrk, spread
-    from serving.server import free_port
+    from serving.server import free_port, wait_for_workers
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -125,7 +116,7 @@ def run(*, repeats: int = 3, duration: int = 10, connections: tuple[int, ...] = 
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     rows = []
     try:
-        _wait_up(url, proc)
+        wait_for_workers(url, 2, proc=proc)
         with tempfile.TemporaryDirectory() as tmp:
             lua = lua_recommend(users, Path(tmp) / "rec.lua")
             run_wrk(url + "/", script=lua, connections=16, duration=3)  # warm-up

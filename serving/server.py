@@ -204,6 +204,35 @@ def process_alive(pid: int) -> bool:
     return fields is None or fields[0] != "Z"  # no /proc here: signal 0 said it exists
 
 
+def wait_for_workers(url: str, workers: int, *, proc: subprocess.Popen | None = None, timeout_s: float = 120.0) -> None:
+    """Until ``workers`` distinct live worker processes have answered ``GET /healthz`` (its
+    ``detail.worker``: the pid) at ``url``: a worker listens only once it has started (loaded its
+    models), and until then the others take all its connections, which a test of cross-worker
+    behaviour or a benchmark's first seconds must not see. Each poll is a fresh connection (the
+    kernel spreads those over the listening workers). Raises ``RuntimeError`` if ``proc`` exits or
+    the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    answered: set[int] = set()
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.get(url + "/healthz", timeout=1.0)
+            if r.status_code == 200:
+                answered.add(r.json()["detail"]["worker"])
+                answered = {pid for pid in answered if process_alive(pid)}  # a worker replaced meanwhile counts once
+                if len(answered) >= workers:
+                    return
+                time.sleep(0.02)  # soon: the next connection may go to another worker
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not healthy after {timeout_s}s ({len(answered)} of {workers} workers answered)")
+
+
 class ServerProcess:
     """The real server in a child process on a loopback port (``with ServerProcess(...) as srv``)."""
 
@@ -233,33 +262,13 @@ class ServerProcess:
         return self
 
     def wait_healthy(self) -> None:
-        """Until every worker answers ``/healthz``: a worker listens only once it has started
-        (loaded its models), and until then the others take all its connections, which a test of
-        cross-worker behaviour or a benchmark's first seconds must not see. Each poll is a fresh
-        connection (the kernel spreads those over the listening workers); ``/healthz`` names the
-        worker that answered."""
-        import httpx
-
-        deadline = time.monotonic() + self.ready_timeout_s
-        answered: set[int] = set()
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}")
-            try:
-                r = httpx.get(self.url + "/healthz", timeout=1.0)
-                if r.status_code == 200:
-                    answered.add(r.json()["detail"]["worker"])
-                    answered = {pid for pid in answered if process_alive(pid)}  # a worker replaced meanwhile counts once
-                    if len(answered) >= self.workers:
-                        return
-                    time.sleep(0.02)  # soon: the next connection may go to another worker
-                    continue
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {self.ready_timeout_s}s ({len(answered)} of {self.workers} "
-                           f"workers answered); log: {self.log_path}\n{self.log_tail()}")
+        """Until every worker answers ``/healthz`` (:func:`wait_for_workers`)."""
+        try:
+            wait_for_workers(self.url, self.workers, proc=self.proc, timeout_s=self.ready_timeout_s)
+        except RuntimeError as exc:
+            if self.proc is not None and self.proc.poll() is None:
+                self.stop()
+            raise RuntimeError(f"{exc}; log: {self.log_path}\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 4000) -> str:
         try:

@@ -185,6 +185,7 @@ def test_naive_reference_ranks_the_flat_search_candidates_with_its_mlp():
     n_items, n_users, dim, cands = 60, 10, 8, 7
     with TestClient(create_app(n_items=n_items, n_users=n_users, dim=dim, candidates=cands, seed=3)) as client:
         assert client.get("/noop").status_code == 200
+        assert client.get("/healthz").json()["detail"]["worker"] > 0
         first = client.get("/v1/recommendations/alice", params={"k": 5}).json()
         assert client.get("/v1/recommendations/alice", params={"k": 5}).json() == first
         everything = client.get("/v1/recommendations/alice", params={"k": 50}).json()  # k above the candidates: all of them
